@@ -1,0 +1,120 @@
+"""The DiT model (Peebles & Xie): one class for the reference path and the fast path, same parameters."""
+import torch
+from torch import nn
+
+from dit_fast.blocks import AdaLNBlock, AdaLNZeroBlock, CrossAttentionBlock, FinalLayer, InContextBlock
+from dit_fast.config import DiTConfig, get_config
+from dit_fast.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+
+BLOCK_CLASSES = {
+    "adaLN-Zero": AdaLNZeroBlock,
+    "adaLN": AdaLNBlock,
+    "cross-attention": CrossAttentionBlock,
+    "in-context": InContextBlock,
+}
+CFG_CHANNELS = (3, "all")
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer over (N, C, H, W) latents, conditioned on timesteps and class labels."""
+
+    def __init__(self, cfg: DiTConfig, attn: str = "math"):
+        super().__init__()
+        self.cfg = cfg
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.out_channels
+        self.patch_size = cfg.patch_size
+        self.num_classes = cfg.num_classes
+        d = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, d), requires_grad=False)
+        block_class = BLOCK_CLASSES[cfg.block]
+        self.blocks = nn.ModuleList(
+            block_class(d, cfg.num_heads, int(d * cfg.mlp_ratio), attn) for _ in range(cfg.depth)
+        )
+        self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The paper's init: xavier linears, fixed sin-cos positions, N(0, 0.02) embeddings, zero adaLN-Zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        grid_size = int(self.cfg.num_patches**0.5)
+        self.pos_embed.data.copy_(sincos_2d(self.cfg.hidden_size, grid_size).float().unsqueeze(0))
+        proj = self.x_embedder.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            if isinstance(block, AdaLNZeroBlock):
+                block.zero_init()
+        final = self.final_layer
+        for layer in (final.adaLN_modulation[-1], final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) tokens -> (N, C, H, W) images."""
+        n, t, _ = x.shape
+        p, c = self.patch_size, self.out_channels
+        side = int(t**0.5)
+        x = x.reshape(n, side, side, p, p, c)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, side * p, side * p)
+
+    def run_blocks(self, x: torch.Tensor, t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
+        """The transformer body; how conditioning enters depends on the block type."""
+        block = self.cfg.block
+        if block in ("adaLN-Zero", "adaLN"):
+            c = t_emb + y_emb  # (N, D)
+            for layer in self.blocks:
+                x = layer(x, c)
+        elif block == "cross-attention":
+            context = torch.stack([t_emb, y_emb], dim=1)  # (N, 2, D)
+            for layer in self.blocks:
+                x = layer(x, context)
+        else:  # in-context: two extra tokens, dropped after the last block
+            x = torch.cat([t_emb.unsqueeze(1), y_emb.unsqueeze(1), x], dim=1)  # (N, 2 + T, D)
+            for layer in self.blocks:
+                x = layer(x)
+            x = x[:, 2:]
+        return x
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels (num_classes = null) -> (N, C_out, H, W)."""
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        t_emb = self.t_embedder(t)  # (N, D)
+        y_emb = self.y_embedder(y, self.training)  # (N, D)
+        x = self.run_blocks(x, t_emb, y_emb)  # (N, T, D)
+        x = self.final_layer(x, t_emb + y_emb)  # (N, T, p*p*C_out)
+        return self.unpatchify(x)
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, cfg_channels: int | str = 3
+    ) -> torch.Tensor:
+        """Classifier-free guidance over a batch whose first half is conditional and second half unconditional.
+
+        cfg_channels=3 guides only the first 3 output channels, as the official code does (this gives the
+        published FID); "all" guides every eps channel, the standard method.
+        """
+        if cfg_channels not in CFG_CHANNELS:
+            raise ValueError(f"cfg_channels {cfg_channels!r} is not valid; choose 3 or 'all'")
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)  # (N, C_out, H, W)
+        guided = 3 if cfg_channels == 3 else self.in_channels
+        eps, rest = out[:, :guided], out[:, guided:]
+        cond_eps, uncond_eps = eps.chunk(2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+def create_model(
+    name: str, image_size: int | None = None, block: str = "adaLN-Zero", attn: str = "math", **overrides
+) -> DiT:
+    """A DiT by name ("DiT-XL/2", ...); image_size None keeps the config's (256px for the paper's models)."""
+    return DiT(get_config(name, image_size=image_size, block=block, **overrides), attn=attn)
