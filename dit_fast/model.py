@@ -1,10 +1,22 @@
 """The DiT model (Peebles & Xie): one class for the reference path and the fast path, same parameters."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dit_fast.blocks import AdaLNBlock, AdaLNZeroBlock, CrossAttentionBlock, FinalLayer, InContextBlock
+from dit_fast.attention import AUTO, resolve_backend
+from dit_fast.blocks import (
+    AdaLNBlock,
+    AdaLNZeroBlock,
+    CrossAttention,
+    CrossAttentionBlock,
+    FinalLayer,
+    InContextBlock,
+    SelfAttention,
+)
 from dit_fast.config import DiTConfig, get_config
 from dit_fast.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from dit_fast.fused_blocks import FusedAdaLNBlock, FusedAdaLNZeroBlock, FusedFinalLayer
+from dit_fast.kernels import ln_modulate
 
 BLOCK_CLASSES = {
     "adaLN-Zero": AdaLNZeroBlock,
@@ -12,15 +24,32 @@ BLOCK_CLASSES = {
     "cross-attention": CrossAttentionBlock,
     "in-context": InContextBlock,
 }
+
+
+def _block_and_final_classes(block: str, fused: bool) -> tuple[type, type]:
+    """The layer classes for a block type; the fused ones hold the same parameters as the reference ones."""
+    if not fused:
+        return BLOCK_CLASSES[block], FinalLayer
+    fused_blocks = {"adaLN-Zero": FusedAdaLNZeroBlock, "adaLN": FusedAdaLNBlock}
+    return fused_blocks.get(block, BLOCK_CLASSES[block]), FusedFinalLayer
 CFG_CHANNELS = (3, "all")
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer over (N, C, H, W) latents, conditioned on timesteps and class labels."""
+    """Diffusion Transformer over (N, C, H, W) latents, conditioned on timesteps and class labels.
 
-    def __init__(self, cfg: DiTConfig, attn: str = "math"):
+    fused=False is the pure-PyTorch reference; fused=True computes the same function with the Triton ops
+    of dit_fast.kernels and, for adaLN-Zero, one matrix product for the adaLN projections of all blocks
+    (`hoist_modulation`; FSDP turns it off, since it reads every block's weights outside that block).
+    `attn` names a dit_fast.attention backend or "auto". The state_dict is the same either way.
+    """
+
+    def __init__(self, cfg: DiTConfig, fused: bool = False, attn: str = "math"):
         super().__init__()
         self.cfg = cfg
+        self.fused = fused
+        self.attn = attn
+        self.hoist_modulation = fused and cfg.block == "adaLN-Zero"
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.out_channels
         self.patch_size = cfg.patch_size
@@ -30,11 +59,11 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, d), requires_grad=False)
-        block_class = BLOCK_CLASSES[cfg.block]
+        block_class, final_class = _block_and_final_classes(cfg.block, fused)
         self.blocks = nn.ModuleList(
             block_class(d, cfg.num_heads, int(d * cfg.mlp_ratio), attn) for _ in range(cfg.depth)
         )
-        self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
+        self.final_layer = final_class(d, cfg.patch_size, cfg.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -70,6 +99,8 @@ class DiT(nn.Module):
     def run_blocks(self, x: torch.Tensor, t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
         """The transformer body; how conditioning enters depends on the block type."""
         block = self.cfg.block
+        if self.hoist_modulation:
+            return self.run_hoisted(x, t_emb + y_emb)
         if block in ("adaLN-Zero", "adaLN"):
             c = t_emb + y_emb  # (N, D)
             for layer in self.blocks:
@@ -85,14 +116,63 @@ class DiT(nn.Module):
             x = x[:, 2:]
         return x
 
+    def hoisted_modulation_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """adaLN projections of every block and the final layer stacked: (depth*6D + 2D, D) and bias."""
+        linears = [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+        return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
+
+    def run_hoisted(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """adaLN-Zero body with all adaLN projections in one matrix product and norms fused across blocks.
+
+        Returns the final layer's output (N, T, p*p*C_out); the final layer's shift/scale come from the same
+        product.
+        """
+        n, d, depth = c.shape[0], self.cfg.hidden_size, self.cfg.depth
+        weight, bias = self.hoisted_modulation_weights()
+        mods = F.linear(F.silu(c), weight, bias)  # (N, depth*6D + 2D)
+        block_mods = mods[:, : depth * 6 * d].view(n, depth, 6, d)  # strided views, no copies
+        h = ln_modulate(x, block_mods[:, 0, 0], block_mods[:, 0, 1])  # later norms come fused with residuals
+        for i, block in enumerate(self.blocks):
+            following = (block_mods[:, i + 1, 0], block_mods[:, i + 1, 1]) if i + 1 < depth else (None, None)
+            x, h = block.forward_chained(x, h, block_mods[:, i], *following)
+        return self.final_layer.forward_modulated(x, mods[:, depth * 6 * d :].view(n, 2, d))
+
+    def resolve_attention(self, tokens: torch.Tensor) -> None:
+        """Turn attn="auto" into a concrete backend for these tokens' device/dtype/length, outside compiled code."""
+        if self.attn != AUTO or torch.compiler.is_compiling():
+            return
+        head_dim = self.cfg.head_dim
+        backend = resolve_backend(AUTO, tokens.device, tokens.dtype, head_dim, tokens.shape[1], torch.is_grad_enabled())
+        for module in self.modules():
+            if isinstance(module, (SelfAttention, CrossAttention)):
+                module.backend = backend
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels (num_classes = null) -> (N, C_out, H, W)."""
+        """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels (num_classes = null) -> (N, C_out, H, W).
+
+        The fast path computes in its parameters' dtype and returns the input's dtype.
+        """
+        in_dtype = x.dtype
+        if self.fused:
+            x = x.to(self.x_embedder.proj.weight.dtype)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        self.resolve_attention(x)
         t_emb = self.t_embedder(t)  # (N, D)
         y_emb = self.y_embedder(y, self.training)  # (N, D)
-        x = self.run_blocks(x, t_emb, y_emb)  # (N, T, D)
-        x = self.final_layer(x, t_emb + y_emb)  # (N, T, p*p*C_out)
-        return self.unpatchify(x)
+        x = self.run_blocks(x, t_emb, y_emb)  # (N, T, D), or the final output when hoisted
+        if not self.hoist_modulation:
+            x = self.final_layer(x, t_emb + y_emb)  # (N, T, p*p*C_out)
+        out = self.unpatchify(x)
+        return out.to(in_dtype) if self.fused else out
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile(fullgraph=True) each block on its own (the unit FSDP shards)."""
+        compile_kwargs.setdefault("fullgraph", True)
+        for block in self.blocks:
+            if self.hoist_modulation:
+                block.forward_chained = torch.compile(block.forward_chained, **compile_kwargs)
+            else:
+                block.compile(**compile_kwargs)
 
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, cfg_channels: int | str = 3
@@ -114,7 +194,16 @@ class DiT(nn.Module):
 
 
 def create_model(
-    name: str, image_size: int | None = None, block: str = "adaLN-Zero", attn: str = "math", **overrides
+    name: str,
+    image_size: int | None = None,
+    block: str = "adaLN-Zero",
+    fused: bool = False,
+    attn: str | None = None,
+    **overrides,
 ) -> DiT:
-    """A DiT by name ("DiT-XL/2", ...); image_size None keeps the config's (256px for the paper's models)."""
-    return DiT(get_config(name, image_size=image_size, block=block, **overrides), attn=attn)
+    """A DiT by name ("DiT-XL/2", ...); image_size None keeps the config's (256px for the paper's models).
+
+    fused=True is the fast path; attn defaults to "math" for the reference and "auto" for the fast path.
+    """
+    attn = attn or (AUTO if fused else "math")
+    return DiT(get_config(name, image_size=image_size, block=block, **overrides), fused=fused, attn=attn)

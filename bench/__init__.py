@@ -1,0 +1,1 @@
+"""Benchmarks of dit_fast: one script per question (`python bench/<name>.py` or `python -m bench.<name>`)."""

@@ -1,0 +1,95 @@
+"""What every benchmark shares: the environment record, the two measured ceilings, timing, and saving JSON."""
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def require_cuda(script: str) -> None:
+    """Exit with a clear message on a machine without CUDA: timings need a GPU."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: timing needs a CUDA GPU and none is visible here; run it on a GPU machine")
+
+
+def git_commit() -> str:
+    """The checked-out commit, '+dirty' when the tree has uncommitted changes, or 'unknown' outside git."""
+    root = os.path.dirname(RESULTS_DIR)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def environment() -> dict:
+    """GPU, software versions and commit for a results file."""
+    import triton
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), sms=props.multi_processor_count)
+    return info
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of fn() by CUDA events, one event pair per call, after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device copy bandwidth, bytes read + written, of a 2 GiB device-to-device copy (well past the 60 MB L2)."""
+    src = torch.empty(2**30, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, iters=20)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def matmul_peak_tflops(n: int = 8192) -> float:
+    """bf16 matrix-product rate of an n^3 product on random data: the MFU denominator."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = time_ms(lambda: a @ b, warmup=5, iters=20)
+    return 2 * n**3 / ms / 1e9
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def save_report(report: dict, name: str, out: str | None = None) -> str:
+    """Write the report as JSON to `out` or bench/results/<name>-<gpu>.json; returns the path."""
+    path = out or os.path.join(RESULTS_DIR, f"{name}-{gpu_slug()}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    return path

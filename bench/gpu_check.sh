@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One GPU session's work, in stages (each well inside the device's 10-minute command limit):
+#   bash bench/gpu_check.sh tests     # GPU test suite (pytest -m gpu) + the CPU suite's kernel tests on CUDA
+#   bash bench/gpu_check.sh kernels   # bench/kernels.py + bench/attention.py
+#   bash bench/gpu_check.sh model     # bench/model.py
+#   bash bench/gpu_check.sh sampling  # bench/sampling.py
+#   bash bench/gpu_check.sh train     # bench/train_step.py
+# Results and logs go to $OUT (default ./gpu_out). Installs the package in place without touching torch.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+status=0
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember a failure, go on
+  local name=$1; shift
+  echo "=== $name: $*"
+  local start=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1 || { echo "!!! $name failed (exit $?)"; status=1; }
+  echo "=== $name took $((SECONDS - start)) s"; tail -n 25 "$OUT/$name.log"
+}
+for stage in "$@"; do
+  case $stage in
+    tests)
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+      # the kernels' default cases on CUDA, then everything marked gpu (GPU_TESTS narrows the paths)
+      step kernel_tests_cuda python3 -m pytest -q -p no:cacheprovider --timeout=600 \
+        tests/test_ln_modulate.py tests/test_gated_residual.py tests/test_final_layer.py
+      step gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 ${GPU_TESTS:-tests} ;;
+    kernels)
+      step bench_kernels python3 -m bench.kernels --out "$OUT/kernels.json"
+      step bench_attention python3 -m bench.attention --out "$OUT/attention.json" ;;
+    model) step bench_model python3 -m bench.model --out "$OUT/model.json" ;;
+    sampling) step bench_sampling python3 -m bench.sampling --out "$OUT/sampling.json" ;;
+    train) step bench_train python3 -m bench.train_step --out "$OUT/train_step.json" ;;
+    *) echo "unknown stage '$stage'; choose tests, kernels, model, sampling, train"; exit 2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,91 @@
+"""Fast-path variants of DiT's layers: the same parameters as dit_fast.blocks, computed with the Triton ops.
+
+A fused adaLN-Zero block passes over the (N, T, D) activations in two fused kernels plus the matrix
+products: `gated_residual_ln_modulate` after attention (residual + next LayerNorm + modulate), and at the
+end of the block either `gated_residual` or, when the next block's shift/scale are at hand (adaLN
+projections hoisted), `gated_residual_ln_modulate` again, which also does the next block's first norm.
+"""
+import torch
+import torch.nn.functional as F
+
+from dit_fast.blocks import AdaLNBlock, AdaLNZeroBlock, FinalLayer, Mlp
+from dit_fast.kernels import final_layer, gated_residual, gated_residual_ln_modulate, ln_modulate
+
+
+class FusedMlp(Mlp):
+    """Mlp whose fc1 + bias + tanh-GELU is one cuBLASLt matmul with a GELU epilogue when no gradient is needed.
+
+    cuBLASLt's GELU epilogue is the tanh approximation on CUDA; PyTorch's CPU kernel for the same op uses
+    the exact GELU, so the epilogue is used on CUDA only. With gradients the compiled graph fuses bias and
+    GELU into one pointwise kernel instead (the op has no autograd formula). `gelu_epilogue=False` turns the
+    epilogue off, for measuring it.
+    """
+
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__(hidden_size, mlp_hidden)
+        self.gelu_epilogue = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu_epilogue and x.is_cuda and not torch.is_grad_enabled():
+            rows = x.reshape(-1, x.shape[-1])  # (N*T, D)
+            hidden = torch._addmm_activation(self.fc1.bias, rows, self.fc1.weight.t(), use_gelu=True)
+            return self.fc2(hidden).view(*x.shape[:-1], -1)
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class FusedAdaLNZeroBlock(AdaLNZeroBlock):
+    """adaLN-Zero with fused LayerNorm/modulate/gated-residual kernels; same parameters as AdaLNZeroBlock."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, attn_backend: str):
+        super().__init__(hidden_size, num_heads, mlp_hidden, attn_backend)
+        self.mlp = FusedMlp(hidden_size, mlp_hidden)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Self-contained block (its own adaLN projection): the form FSDP shards and compiles per block."""
+        mods = self.adaLN_modulation(c).view(c.shape[0], 6, -1)  # (N, 6, D)
+        h = ln_modulate(x, mods[:, 0], mods[:, 1])
+        x, _ = self.forward_chained(x, h, mods)
+        return x
+
+    def forward_chained(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        mods: torch.Tensor,
+        next_shift: torch.Tensor | None = None,
+        next_scale: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (N, T, D) residual stream and h = its first modulated norm; mods (N, 6, D) this block's adaLN outputs.
+
+        Returns the new residual stream and, given the next block's shift/scale, its first modulated norm.
+        """
+        x, h = gated_residual_ln_modulate(x, self.attn(h), mods[:, 2], mods[:, 3], mods[:, 4])
+        m = self.mlp(h)  # (N, T, D)
+        if next_shift is None:
+            return gated_residual(x, m, mods[:, 5]), None
+        return gated_residual_ln_modulate(x, m, mods[:, 5], next_shift, next_scale)
+
+
+class FusedAdaLNBlock(AdaLNBlock):
+    """adaLN (no gates) with the fused LayerNorm + modulate kernel; same parameters as AdaLNBlock."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, attn_backend: str):
+        super().__init__(hidden_size, num_heads, mlp_hidden, attn_backend)
+        self.mlp = FusedMlp(hidden_size, mlp_hidden)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        mods = self.adaLN_modulation(c).view(c.shape[0], 4, -1)  # (N, 4, D)
+        x = x + self.attn(ln_modulate(x, mods[:, 0], mods[:, 1]))
+        return x + self.mlp(ln_modulate(x, mods[:, 2], mods[:, 3]))
+
+
+class FusedFinalLayer(FinalLayer):
+    """LayerNorm + modulate + the output linear in one memory-bound kernel that reads x once."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        mods = self.adaLN_modulation(c).view(c.shape[0], 2, -1)  # (N, 2, D)
+        return self.forward_modulated(x, mods)
+
+    def forward_modulated(self, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        """x (N, T, D) with precomputed (N, 2, D) shift/scale -> (N, T, p*p*C_out)."""
+        return final_layer(x, mods[:, 0], mods[:, 1], self.linear.weight, self.linear.bias)

@@ -1,0 +1,474 @@
+"""DiT's final adaLN layer as one fused op: out = (LayerNorm(x) * (1 + scale) + shift) @ weight.T + bias.
+
+LayerNorm has no affine parameters; statistics are fp32 (fp64 for fp64 inputs, which exist for gradcheck).
+shift and scale are per sample, (B, D), broadcast over the T tokens, and are read through any strides,
+so the views that `mod.chunk(2, dim=1)` gives are used without a copy.
+
+Kernels and grids (no atomics anywhere; every reduction has a fixed order, so results are bit-identical
+run to run):
+- forward, grid (T-chunks, B): a program owns BLOCK_M tokens of one sample. Pass 1 walks D in BLOCK_K
+  chunks and merges per-chunk mean/M2 (Chan's parallel update) into exact row statistics; pass 2 walks D
+  again (the tile is now in L1/L2), rebuilds the modulated tile h in registers and accumulates
+  h @ weight.T with tl.dot, one BLOCK_O slice of the outputs at a time. x is read from HBM once; the
+  normalised activations never leave the chip. mean and rstd are saved for backward.
+- backward dx, grid (T-chunks, B): dh = dout @ weight is formed per (BLOCK_M, BLOCK_K) tile with tl.dot
+  and never stored. Pass 1 accumulates the row sums of dxhat and dxhat * xhat and writes per-program
+  partials of dshift = sum_T dh and dscale = sum_T dh * xhat, (B, T-chunks, D) in fp32; pass 2 rebuilds
+  dh and writes dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+- backward dweight, grid (D-tiles, O-tiles, row splits): dweight = dout^T @ h with h recomputed from x,
+  mean and rstd; each program covers a fixed range of rows (which may cross samples, so shift and scale
+  are gathered by row // T) and writes fp32 partials (splits, O, D) and dbias partials (splits, O).
+  A second kernel, rather than partials from the dx kernel, keeps the partial buffers small: one
+  (O, D) partial per 32-token program would be several times the size of x.
+Partials are finished with torch.sum over the partial axis (deterministic).
+
+Block sizes (fixed rule, no autotuning; tuned for DiT's D=1152 and O in {32, 128, 512}):
+  BLOCK_K = min(128, next_power_of_2(D)) in the row kernels, min(64, ...) in the dweight kernel;
+  BLOCK_M = min(32, next_power_of_2(T)) (at least 16) tokens per row program;
+  BLOCK_O = next_power_of_2(O) (at least 16), capped so that a weight or dout tile, BLOCK_O by the larger
+  of the kernel's other two blocks, is at most 32 KiB (128 x 128 in 16-bit, 64 x 128 in fp32): with the
+  pipeliner's stages that stays well inside Hopper's 227 KiB of shared memory;
+  BLOCK_N = 64 rows per dweight step; num_warps = 4 for the row kernels, 8 for dweight.
+Limits: 1 <= D <= MAX_D = 16384 (ValueError past it: the loops hold no full row in registers, but larger
+rows are untested and every extra D-chunk is re-read per output slice); any O >= 1 (not only powers of
+two), with x re-read from cache once per BLOCK_O slice; row offsets are int64, so B*T*D >= 2^31 works.
+All five tensors must share one dtype (fp32, bf16, fp16, or fp64); fp32 products use
+input_precision="ieee" so TF32 never rounds them.
+
+torch.compile: the op and its backward are torch.library.triton_ops, so compiled graphs hold them without a
+break on the GPU. Under TRITON_INTERPRET=1 (CPU) the launchers call the interpreted kernels directly, so
+eager calls work there and torch.compile does not.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
+
+MAX_D = 16384
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@triton.jit
+def _final_layer_fwd_kernel(
+    X_ptr,  # (N, D) tokens of x, N = B * T, unit column stride
+    SHIFT_ptr,  # (B, D) any strides
+    SCALE_ptr,  # (B, D) any strides
+    W_ptr,  # (O, D) nn.Linear weight, any strides
+    BIAS_ptr,  # (O,)
+    OUT_ptr,  # (N, O) contiguous
+    MEAN_ptr,  # (N,) fp32 (fp64 for fp64 inputs)
+    RSTD_ptr,  # (N,)
+    T, D, O,
+    stride_x_row, stride_shift_b, stride_shift_d, stride_scale_b, stride_scale_d, stride_w_o, stride_w_d,
+    eps,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+    WIDE_DOT: tl.constexpr,
+):
+    """Normalise, modulate and project BLOCK_M tokens of one sample."""
+    stats_dtype = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
+    dot_dtype = stats_dtype if WIDE_DOT else X_ptr.dtype.element_ty  # tl.dot operands
+    precision = "ieee" if WIDE_DOT else "tf32"  # fp32 never rounded to TF32; "tf32" is a no-op for 16-bit
+    chunk = tl.program_id(0)
+    sample = tl.program_id(1).to(tl.int64)
+    tokens = chunk * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    token_mask = tokens < T
+    rows = sample * T + tokens  # (BLOCK_M,) int64
+    x_row_ptrs = X_ptr + rows[:, None] * stride_x_row  # (BLOCK_M, 1)
+
+    mean = tl.zeros((BLOCK_M,), dtype=stats_dtype)
+    m2 = tl.zeros((BLOCK_M,), dtype=stats_dtype)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < D
+        x = tl.load(x_row_ptrs + cols[None, :], mask=token_mask[:, None] & col_mask[None, :], other=0.0)
+        x = x.to(stats_dtype)  # (BLOCK_M, BLOCK_K)
+        n_total = tl.minimum(k0 + BLOCK_K, D).to(stats_dtype)  # columns merged once this chunk is in
+        n_chunk = n_total - k0  # k0 columns were merged before
+        chunk_mean = tl.sum(x, axis=1) / n_chunk  # (BLOCK_M,)
+        centered = tl.where(col_mask[None, :], x - chunk_mean[:, None], 0.0)
+        delta = chunk_mean - mean
+        mean += delta * (n_chunk / n_total)
+        m2 += tl.sum(centered * centered, axis=1) + delta * delta * (k0 * n_chunk / n_total)
+    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+    tl.store(MEAN_ptr + rows, mean, mask=token_mask)
+    tl.store(RSTD_ptr + rows, rstd, mask=token_mask)
+
+    shift_ptrs = SHIFT_ptr + sample * stride_shift_b
+    scale_ptrs = SCALE_ptr + sample * stride_scale_b
+    for o0 in range(0, O, BLOCK_O):
+        outs = o0 + tl.arange(0, BLOCK_O)
+        out_mask = outs < O
+        acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=stats_dtype)
+        for k0 in range(0, D, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_mask = cols < D
+            x = tl.load(x_row_ptrs + cols[None, :], mask=token_mask[:, None] & col_mask[None, :], other=0.0)
+            shift = tl.load(shift_ptrs + cols * stride_shift_d, mask=col_mask, other=0.0).to(stats_dtype)
+            scale = tl.load(scale_ptrs + cols * stride_scale_d, mask=col_mask, other=0.0).to(stats_dtype)
+            xhat = (x.to(stats_dtype) - mean[:, None]) * rstd[:, None]
+            h = xhat * (1.0 + scale[None, :]) + shift[None, :]  # (BLOCK_M, BLOCK_K)
+            w_t = tl.load(  # (BLOCK_K, BLOCK_O): weight read transposed
+                W_ptr + outs[None, :] * stride_w_o + cols[:, None] * stride_w_d,
+                mask=col_mask[:, None] & out_mask[None, :], other=0.0,
+            )
+            acc = tl.dot(h.to(dot_dtype), w_t.to(dot_dtype), acc, input_precision=precision, out_dtype=stats_dtype)
+        bias = tl.load(BIAS_ptr + outs, mask=out_mask, other=0.0).to(stats_dtype)
+        out = acc + bias[None, :]
+        tl.store(
+            OUT_ptr + rows[:, None] * O + outs[None, :],
+            out.to(OUT_ptr.dtype.element_ty),
+            mask=token_mask[:, None] & out_mask[None, :],
+        )
+
+
+@triton.jit
+def _dh_tile(
+    DOUT_ptr, W_ptr, rows, token_mask, cols, col_mask, O, stride_dout_row, stride_w_o, stride_w_d,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+    WIDE_DOT: tl.constexpr,
+):
+    """dh = dout @ weight for BLOCK_M rows and BLOCK_K columns, summed over all outputs in BLOCK_O steps."""
+    stats_dtype = tl.float64 if W_ptr.dtype.element_ty == tl.float64 else tl.float32
+    dot_dtype = stats_dtype if WIDE_DOT else W_ptr.dtype.element_ty  # tl.dot operands
+    precision = "ieee" if WIDE_DOT else "tf32"  # fp32 never rounded to TF32; "tf32" is a no-op for 16-bit
+    dh = tl.zeros((BLOCK_M, BLOCK_K), dtype=stats_dtype)
+    for o0 in range(0, O, BLOCK_O):
+        outs = o0 + tl.arange(0, BLOCK_O)
+        out_mask = outs < O
+        dout = tl.load(  # (BLOCK_M, BLOCK_O)
+            DOUT_ptr + rows[:, None] * stride_dout_row + outs[None, :],
+            mask=token_mask[:, None] & out_mask[None, :], other=0.0,
+        )
+        w = tl.load(  # (BLOCK_O, BLOCK_K)
+            W_ptr + outs[:, None] * stride_w_o + cols[None, :] * stride_w_d,
+            mask=out_mask[:, None] & col_mask[None, :], other=0.0,
+        )
+        dh = tl.dot(dout.to(dot_dtype), w.to(dot_dtype), dh, input_precision=precision, out_dtype=stats_dtype)
+    return dh
+
+
+@triton.jit
+def _final_layer_bwd_dx_kernel(
+    DOUT_ptr,  # (N, O) unit column stride
+    X_ptr,  # (N, D) unit column stride
+    SCALE_ptr,  # (B, D) any strides
+    W_ptr,  # (O, D) any strides
+    MEAN_ptr,  # (N,) fp32
+    RSTD_ptr,  # (N,) fp32
+    DX_ptr,  # (N, D) contiguous
+    DSHIFT_PART_ptr,  # (B, T-chunks, D) fp32 partial sums over each program's tokens
+    DSCALE_PART_ptr,  # (B, T-chunks, D) fp32
+    T, D, O,
+    stride_dout_row, stride_x_row, stride_scale_b, stride_scale_d, stride_w_o, stride_w_d,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+    WIDE_DOT: tl.constexpr,
+):
+    """dx for BLOCK_M tokens of one sample, plus that program's partials of dshift and dscale."""
+    stats_dtype = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
+    dot_dtype = stats_dtype if WIDE_DOT else X_ptr.dtype.element_ty  # tl.dot operands
+    precision = "ieee" if WIDE_DOT else "tf32"  # fp32 never rounded to TF32; "tf32" is a no-op for 16-bit
+    chunk = tl.program_id(0)
+    sample = tl.program_id(1).to(tl.int64)
+    tokens = chunk * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    token_mask = tokens < T
+    rows = sample * T + tokens  # (BLOCK_M,) int64
+    mean = tl.load(MEAN_ptr + rows, mask=token_mask, other=0.0)
+    rstd = tl.load(RSTD_ptr + rows, mask=token_mask, other=0.0)
+    scale_ptrs = SCALE_ptr + sample * stride_scale_b
+    partial_offset = (sample * tl.num_programs(0) + chunk) * D
+
+    sum_dxhat = tl.zeros((BLOCK_M,), dtype=stats_dtype)
+    sum_dxhat_xhat = tl.zeros((BLOCK_M,), dtype=stats_dtype)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < D
+        x = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :],
+                    mask=token_mask[:, None] & col_mask[None, :], other=0.0)
+        xhat = (x.to(stats_dtype) - mean[:, None]) * rstd[:, None]  # (BLOCK_M, BLOCK_K)
+        scale = tl.load(scale_ptrs + cols * stride_scale_d, mask=col_mask, other=0.0).to(stats_dtype)
+        dh = _dh_tile(DOUT_ptr, W_ptr, rows, token_mask, cols, col_mask, O, stride_dout_row, stride_w_o,
+                      stride_w_d, BLOCK_M, BLOCK_K, BLOCK_O, WIDE_DOT)
+        dxhat = dh * (1.0 + scale[None, :])
+        sum_dxhat += tl.sum(dxhat, axis=1)
+        sum_dxhat_xhat += tl.sum(dxhat * xhat, axis=1)
+        tl.store(DSHIFT_PART_ptr + partial_offset + cols, tl.sum(dh, axis=0), mask=col_mask)
+        tl.store(DSCALE_PART_ptr + partial_offset + cols, tl.sum(dh * xhat, axis=0), mask=col_mask)
+    mean_dxhat = sum_dxhat / D
+    mean_dxhat_xhat = sum_dxhat_xhat / D
+
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < D
+        x = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :],
+                    mask=token_mask[:, None] & col_mask[None, :], other=0.0)
+        xhat = (x.to(stats_dtype) - mean[:, None]) * rstd[:, None]  # (BLOCK_M, BLOCK_K)
+        scale = tl.load(scale_ptrs + cols * stride_scale_d, mask=col_mask, other=0.0).to(stats_dtype)
+        dh = _dh_tile(DOUT_ptr, W_ptr, rows, token_mask, cols, col_mask, O, stride_dout_row, stride_w_o,
+                      stride_w_d, BLOCK_M, BLOCK_K, BLOCK_O, WIDE_DOT)
+        dxhat = dh * (1.0 + scale[None, :])
+        dx = rstd[:, None] * (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None])
+        tl.store(DX_ptr + rows[:, None] * D + cols[None, :], dx.to(DX_ptr.dtype.element_ty),
+                 mask=token_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _final_layer_bwd_dweight_kernel(
+    DOUT_ptr,  # (N, O) unit column stride
+    X_ptr,  # (N, D) unit column stride
+    SHIFT_ptr,  # (B, D) any strides
+    SCALE_ptr,  # (B, D) any strides
+    MEAN_ptr,  # (N,) fp32
+    RSTD_ptr,  # (N,) fp32
+    DW_PART_ptr,  # (splits, O, D) fp32 partial sums over each split's rows
+    DBIAS_PART_ptr,  # (splits, O) fp32
+    N, T, D, O, rows_per_split,
+    stride_dout_row, stride_x_row, stride_shift_b, stride_shift_d, stride_scale_b, stride_scale_d,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
+    WIDE_DOT: tl.constexpr,
+):
+    """One (BLOCK_O, BLOCK_K) tile of dout^T @ h over one split's rows; the D-tile-0 programs also sum dbias."""
+    stats_dtype = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
+    dot_dtype = stats_dtype if WIDE_DOT else X_ptr.dtype.element_ty  # tl.dot operands
+    precision = "ieee" if WIDE_DOT else "tf32"  # fp32 never rounded to TF32; "tf32" is a no-op for 16-bit
+    col_tile = tl.program_id(0)
+    out_tile = tl.program_id(1)
+    split = tl.program_id(2).to(tl.int64)
+    cols = col_tile * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    col_mask = cols < D
+    outs = out_tile * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
+    out_mask = outs < O
+
+    dweight = tl.zeros((BLOCK_O, BLOCK_K), dtype=stats_dtype)
+    dbias = tl.zeros((BLOCK_O,), dtype=stats_dtype)
+    first_row = split * rows_per_split
+    for r0 in range(0, rows_per_split, BLOCK_N):
+        rows = first_row + r0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
+        row_mask = rows < N
+        samples = rows // T  # (BLOCK_N,)
+        mean = tl.load(MEAN_ptr + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(RSTD_ptr + rows, mask=row_mask, other=0.0)
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=tile_mask, other=0.0)
+        shift = tl.load(SHIFT_ptr + samples[:, None] * stride_shift_b + cols[None, :] * stride_shift_d,
+                        mask=tile_mask, other=0.0).to(stats_dtype)
+        scale = tl.load(SCALE_ptr + samples[:, None] * stride_scale_b + cols[None, :] * stride_scale_d,
+                        mask=tile_mask, other=0.0).to(stats_dtype)
+        h = (x.to(stats_dtype) - mean[:, None]) * rstd[:, None] * (1.0 + scale) + shift  # (BLOCK_N, BLOCK_K)
+        dout_t = tl.load(  # (BLOCK_O, BLOCK_N): dout read transposed
+            DOUT_ptr + rows[None, :] * stride_dout_row + outs[:, None],
+            mask=out_mask[:, None] & row_mask[None, :], other=0.0,
+        )
+        dweight = tl.dot(dout_t.to(dot_dtype), h.to(dot_dtype), dweight, input_precision=precision, out_dtype=stats_dtype)
+        dbias += tl.sum(dout_t.to(stats_dtype), axis=1)
+    tl.store(DW_PART_ptr + (split * O + outs[:, None]) * D + cols[None, :], dweight,
+             mask=out_mask[:, None] & col_mask[None, :])
+    if col_tile == 0:
+        tl.store(DBIAS_PART_ptr + split * O + outs, dbias, mask=out_mask)
+
+
+ROW_PROGRAM_WARPS = 4
+DWEIGHT_WARPS = 8
+DWEIGHT_BLOCK_N = 64
+TILE_BYTES = 32 * 1024  # largest (BLOCK_O, BLOCK_K) tile of weight or dout loaded for one tl.dot
+DWEIGHT_TARGET_PROGRAMS = 256  # enough programs to fill an H100/H200 twice; fixed so results never depend on the GPU
+
+
+def _row_block_m(T: int) -> int:
+    return max(16, min(32, triton.next_power_of_2(T)))
+
+
+def _block_k(D: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(D)))
+
+
+def _block_o(O: int, other_block: int, dtype: torch.dtype) -> int:
+    """Output-slice width: all of O when an (O, other_block) tile fits TILE_BYTES, else the widest that does."""
+    cap = max(16, TILE_BYTES // (other_block * dtype.itemsize))
+    return max(16, min(cap, triton.next_power_of_2(O)))
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Under TRITON_INTERPRET=1 triton.jit returns an InterpretedFunction: it runs eagerly on CPU tensors, and
+# wrap_triton rejects it before torch 2.13, so the launchers call it directly (no torch.compile on CPU).
+RUNS_IN_INTERPRETER = isinstance(_final_layer_fwd_kernel, InterpretedFunction)
+
+
+def _launchable(kernel):
+    """The kernel as torch.compile should see it: wrapped on the GPU, plain under the interpreter."""
+    return kernel if RUNS_IN_INTERPRETER else wrap_triton(kernel)
+
+
+def _wide_dot(dtype: torch.dtype) -> bool:
+    """Whether tl.dot multiplies in fp32/fp64 ("ieee") rather than on 16-bit tensor-core operands.
+
+    True for fp32 and fp64 inputs. Also for bf16 under the interpreter, which multiplies bf16 tiles as raw
+    uint16 (numpy has no bf16): widening gives the same result, as bf16 products are exact in fp32 and the
+    GPU accumulates in fp32 too.
+    """
+    return dtype in (torch.float32, torch.float64) or (RUNS_IN_INTERPRETER and dtype == torch.bfloat16)
+
+
+def _rows_2d(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, T, width) -> (B*T, width) with unit column stride; a view whenever the layout allows one."""
+    t2d = t.reshape(-1, width)
+    return t2d if t2d.stride(1) == 1 else t2d.contiguous()
+
+
+def _check_inputs(x, shift, scale, weight, bias) -> None:
+    """Raise a ValueError (shape, device) or TypeError (dtype) naming the first argument that does not fit."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, T, D); got shape {tuple(x.shape)}")
+    B, T, D = x.shape
+    if not 1 <= D <= MAX_D:
+        raise ValueError(f"final_layer supports 1 <= D <= {MAX_D}; got D={D}")
+    if T < 1 or B < 1:
+        raise ValueError(f"x must hold at least one token; got shape {tuple(x.shape)}")
+    for name, t in (("shift", shift), ("scale", scale)):
+        if tuple(t.shape) != (B, D):
+            raise ValueError(f"{name} must be (B, D) = {(B, D)} to match x {tuple(x.shape)}; got {tuple(t.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != D:
+        raise ValueError(f"weight must be (O, D) with D={D} (nn.Linear layout); got {tuple(weight.shape)}")
+    O = weight.shape[0]
+    if tuple(bias.shape) != (O,):
+        raise ValueError(f"bias must be (O,) = ({O},) to match weight {tuple(weight.shape)}; got {tuple(bias.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; expected one of {', '.join(map(str, SUPPORTED_DTYPES))}")
+    for name, t in (("shift", shift), ("scale", scale), ("weight", weight), ("bias", bias)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected x's dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _launch_forward(x, shift, scale, weight, bias, eps):
+    """Check inputs, run the forward kernel; returns out (B, T, O), mean and rstd (B*T,) in fp32."""
+    _check_inputs(x, shift, scale, weight, bias)
+    B, T, D = x.shape
+    O = weight.shape[0]
+    x2d = _rows_2d(x, D)  # (N, D)
+    out = torch.empty((B * T, O), device=x.device, dtype=x.dtype)  # (N, O)
+    mean = torch.empty((B * T,), device=x.device, dtype=_stats_dtype(x.dtype))  # (N,)
+    rstd = torch.empty_like(mean)  # (N,)
+    block_m = _row_block_m(T)
+    block_k = _block_k(D, 128)
+    grid = (triton.cdiv(T, block_m), B)
+    _launchable(_final_layer_fwd_kernel)[grid](
+        x2d, shift, scale, weight, bias, out, mean, rstd,
+        T, D, O,
+        x2d.stride(0), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
+        weight.stride(0), weight.stride(1),
+        eps,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=_block_o(O, max(block_m, block_k), x.dtype),
+        WIDE_DOT=_wide_dot(x.dtype), num_warps=ROW_PROGRAM_WARPS,
+    )
+    return out.view(B, T, O), mean, rstd
+
+
+def _launch_backward(grad_out, x, shift, scale, weight, mean, rstd):
+    """Run the dx and dweight kernels and finish their partials; returns dx, dshift, dscale, dweight, dbias."""
+    B, T, D = x.shape
+    O = weight.shape[0]
+    N = B * T
+    if tuple(grad_out.shape) != (B, T, O):
+        raise ValueError(f"grad_out must be (B, T, O) = {(B, T, O)}; got {tuple(grad_out.shape)}")
+    stats_dtype = _stats_dtype(x.dtype)
+    wide_dot = _wide_dot(x.dtype)
+    x2d = _rows_2d(x, D)  # (N, D)
+    dout2d = _rows_2d(grad_out.to(x.dtype), O)  # (N, O)
+
+    block_m = _row_block_m(T)
+    block_k = _block_k(D, 128)
+    t_chunks = triton.cdiv(T, block_m)
+    dx = torch.empty((N, D), device=x.device, dtype=x.dtype)  # (N, D)
+    dshift_part = torch.empty((B, t_chunks, D), device=x.device, dtype=stats_dtype)  # (B, T-chunks, D)
+    dscale_part = torch.empty_like(dshift_part)  # (B, T-chunks, D)
+    _launchable(_final_layer_bwd_dx_kernel)[(t_chunks, B)](
+        dout2d, x2d, scale, weight, mean, rstd, dx, dshift_part, dscale_part,
+        T, D, O,
+        dout2d.stride(0), x2d.stride(0), scale.stride(0), scale.stride(1), weight.stride(0), weight.stride(1),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=_block_o(O, max(block_m, block_k), x.dtype),
+        WIDE_DOT=wide_dot, num_warps=ROW_PROGRAM_WARPS,
+    )
+
+    block_k = _block_k(D, 64)
+    block_o = _block_o(O, max(DWEIGHT_BLOCK_N, block_k), x.dtype)
+    tiles = triton.cdiv(D, block_k) * triton.cdiv(O, block_o)
+    row_blocks = triton.cdiv(N, DWEIGHT_BLOCK_N)
+    splits = max(1, min(row_blocks, triton.cdiv(DWEIGHT_TARGET_PROGRAMS, tiles)))
+    rows_per_split = triton.cdiv(row_blocks, splits) * DWEIGHT_BLOCK_N
+    splits = triton.cdiv(N, rows_per_split)
+    dweight_part = torch.empty((splits, O, D), device=x.device, dtype=stats_dtype)  # (splits, O, D)
+    dbias_part = torch.empty((splits, O), device=x.device, dtype=stats_dtype)  # (splits, O)
+    _launchable(_final_layer_bwd_dweight_kernel)[(triton.cdiv(D, block_k), triton.cdiv(O, block_o), splits)](
+        dout2d, x2d, shift, scale, mean, rstd, dweight_part, dbias_part,
+        N, T, D, O, rows_per_split,
+        dout2d.stride(0), x2d.stride(0), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
+        BLOCK_N=DWEIGHT_BLOCK_N, BLOCK_K=block_k, BLOCK_O=block_o,
+        WIDE_DOT=wide_dot, num_warps=DWEIGHT_WARPS,
+    )
+    return (
+        dx.view(B, T, D),
+        dshift_part.sum(dim=1).to(shift.dtype),  # (B, D)
+        dscale_part.sum(dim=1).to(scale.dtype),  # (B, D)
+        dweight_part.sum(dim=0).to(weight.dtype),  # (O, D)
+        dbias_part.sum(dim=0).to(weight.dtype),  # (O,)
+    )
+
+
+@triton_op("dit_fast::final_layer", mutates_args=())
+def _final_layer_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward as a registered op: out (B, T, O) plus the saved mean and rstd (B*T,)."""
+    return _launch_forward(x, shift, scale, weight, bias, eps)
+
+
+@triton_op("dit_fast::final_layer_backward", mutates_args=())
+def _final_layer_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward as a registered op, so compiled backward graphs hold it without a break."""
+    return _launch_backward(grad_out, x, shift, scale, weight, mean, rstd)
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, scale, weight, _bias, _eps = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(x, shift, scale, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, shift, scale, weight, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale, dweight, dbias = _final_layer_backward_op(grad_out, x, shift, scale, weight, mean, rstd)
+    return dx, dshift, dscale, dweight, dbias, None
+
+
+_final_layer_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def final_layer(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """DiT final layer: (LayerNorm(x) * (1 + scale) + shift) @ weight.T + bias; x (B, T, D) -> (B, T, O).
+
+    shift, scale: (B, D), per sample (strided chunk views are fine); weight (O, D), bias (O,) as in nn.Linear.
+    """
+    out, _mean, _rstd = _final_layer_op(x, shift, scale, weight, bias, eps)
+    return out
+
+
+def final_layer_ref(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Plain PyTorch reference, as in DiT's FinalLayer: affine-free LayerNorm, modulate, nn.Linear."""
+    h = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)  # (B, T, D)
+    h = h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (B, T, D)
+    return torch.nn.functional.linear(h, weight, bias)  # (B, T, O)

@@ -1,0 +1,195 @@
+"""Gated residual update of a DiT block: x + gate * y, with gate (B, D) per sample broadcast over T tokens.
+
+gate may be the strided view that `mod.chunk(6, dim=1)` gives (row stride 6*D); kernels index it by
+`row // T`. x and y are (B, T, D); a last dim with stride != 1 or unevenly strided rows costs one copy.
+
+Block sizes, one rule: tiles of ROWS x BLOCK_D = 16 x 128 elements (BLOCK_D = min(128, next_power_of_2(D)),
+ROWS = 2048 // BLOCK_D), num_warps = ROWS * BLOCK_D // 256 = 8, i.e. 8 elements per thread. D is tiled too,
+so any D works; 128 divides DiT's widths (384, 768, 1024, 1152), so no lanes idle there.
+
+The sum is computed in fp32 (fp64 for fp64 inputs) and rounded once. Backward: dx = grad, dy = grad * gate,
+and dgate = sum over T of grad * y, written as fp32 per-chunk partial sums (B, n_chunks, D) by programs that
+each own a chunk of one sample's rows and a block of columns, then finished by a torch `.sum(1)`: no
+atomics, bit-identical run to run.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
+
+MAX_BLOCK_D = 128
+TILE_ELEMENTS = 2048  # elements of one (ROWS, BLOCK_D) tile
+BACKWARD_PROGRAMS = 1024  # about this many backward programs, enough to fill an H100/H200 a few times over
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@triton.jit
+def _gated_residual_fwd_kernel(
+    X_ptr,  # (M, D) row stride stride_x
+    Y_ptr,  # (M, D) row stride stride_y
+    GATE_ptr,  # (B, D) row stride stride_gate
+    OUT_ptr,  # (M, D) contiguous
+    M,
+    D,
+    T,
+    stride_x,
+    stride_y,
+    stride_gate,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    compute = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    mask = (rows < M)[:, None] & (cols < D)[None, :]  # (ROWS, BLOCK_D)
+    sample = rows // T  # (ROWS,) which sample's gate each row uses
+    x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(compute)
+    y = tl.load(Y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(compute)
+    gate = tl.load(GATE_ptr + sample[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(compute)
+    out = x + gate * y
+    tl.store(OUT_ptr + rows[:, None] * D + cols[None, :], out.to(OUT_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(
+    DOUT_ptr,  # (M, D) grad of the output, row stride stride_dout
+    Y_ptr,  # (M, D) row stride stride_y
+    GATE_ptr,  # (B, D) row stride stride_gate
+    DY_ptr,  # (M, D) contiguous
+    DGATE_PART_ptr,  # (B, n_chunks, D) contiguous partial sums over a chunk's rows
+    D,
+    T,
+    rows_per_chunk,
+    stride_dout,
+    stride_y,
+    stride_gate,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    compute = tl.float64 if Y_ptr.dtype.element_ty == tl.float64 else tl.float32
+    sample = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    first_row = sample * T + chunk * rows_per_chunk  # int64
+    n_rows = tl.minimum(rows_per_chunk, T - chunk * rows_per_chunk)  # rows of this sample in this chunk
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    col_ok = cols < D
+
+    gate = tl.load(GATE_ptr + sample * stride_gate + cols, mask=col_ok, other=0.0).to(compute)  # (BLOCK_D,)
+    dgate_acc = tl.zeros([BLOCK_D], dtype=compute)
+    for tile_start in range(0, n_rows, ROWS):
+        local = tile_start + tl.arange(0, ROWS)  # (ROWS,)
+        rows = first_row + local  # (ROWS,) int64
+        mask = (local < n_rows)[:, None] & col_ok[None, :]  # (ROWS, BLOCK_D)
+        dout = tl.load(DOUT_ptr + rows[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(compute)
+        y = tl.load(Y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(compute)
+        dy = dout * gate[None, :]
+        tl.store(DY_ptr + rows[:, None] * D + cols[None, :], dy.to(DY_ptr.dtype.element_ty), mask=mask)
+        dgate_acc += tl.sum(dout * y, axis=0)
+    part_offsets = (sample * n_chunks + chunk) * D + cols  # (BLOCK_D,)
+    tl.store(DGATE_PART_ptr + part_offsets, dgate_acc.to(DGATE_PART_ptr.dtype.element_ty), mask=col_ok)
+
+
+# Under TRITON_INTERPRET=1 triton.jit returns an InterpretedFunction: it runs eagerly on CPU tensors, and
+# wrap_triton rejects it before torch 2.13, so the launchers call it directly (no torch.compile on CPU).
+RUNS_IN_INTERPRETER = isinstance(_gated_residual_fwd_kernel, InterpretedFunction)
+
+
+def _block_sizes(D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) for rows of width D, by the rule in the module docstring."""
+    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(D))
+    rows = TILE_ELEMENTS // block_d
+    return block_d, rows, rows * block_d // 256
+
+
+def _as_rows(t: torch.Tensor, D: int) -> torch.Tensor:
+    """View a (B, T, D) tensor as (B*T, D) rows with unit column stride, copying only if that is impossible."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, D)  # (M, D): a view unless the rows are not evenly strided
+
+
+def _check_inputs(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
+    """Raise a ValueError/TypeError naming the first input whose shape, dtype or device does not fit x."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, T, D); got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; expected one of {', '.join(map(str, SUPPORTED_DTYPES))}")
+    B, T, D = x.shape
+    for name, tensor, expected in (("y", y, (B, T, D)), ("gate", gate, (B, D))):
+        if tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape {expected} to match x {tuple(x.shape)}; got {tuple(tensor.shape)}"
+            )
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype}; expected x's dtype {x.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device}; expected x's device {x.device}")
+
+
+@triton_op("dit_fast::gated_residual", mutates_args=())
+def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y for x, y (B, T, D) and gate (B, D)."""
+    _check_inputs(x, y, gate)
+    B, T, D = x.shape
+    M = B * T
+    block_d, rows, num_warps = _block_sizes(D)
+    x2, y2 = _as_rows(x, D), _as_rows(y, D)  # (M, D)
+    gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)
+    out = torch.empty((B, T, D), dtype=x.dtype, device=x.device)  # (B, T, D)
+    kernel = _gated_residual_fwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_gated_residual_fwd_kernel)
+    kernel[(triton.cdiv(M, rows), triton.cdiv(D, block_d))](
+        x2, y2, gate, out, M, D, T, x2.stride(0), y2.stride(0), gate.stride(0),
+        ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+@triton_op("dit_fast::gated_residual_backward", mutates_args=())
+def _gated_residual_backward_op(
+    grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy, dgate) of gated_residual; dx is grad_out itself."""
+    B, T, D = y.shape
+    M = B * T
+    block_d, rows, num_warps = _block_sizes(D)
+    n_column_blocks = triton.cdiv(D, block_d)
+    # About BACKWARD_PROGRAMS programs in all, a power of two of rows each.
+    rows_per_chunk = max(rows, min(1024, triton.next_power_of_2(triton.cdiv(M * n_column_blocks, BACKWARD_PROGRAMS))))
+    n_chunks = triton.cdiv(T, rows_per_chunk)
+    grad_out2, y2 = _as_rows(grad_out, D), _as_rows(y, D)  # (M, D)
+    gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)
+    dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)  # (B, T, D)
+    part_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    dgate_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=y.device)  # (B, n_chunks, D)
+    kernel = _gated_residual_bwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_gated_residual_bwd_kernel)
+    kernel[(B, n_chunks, n_column_blocks)](
+        grad_out2, y2, gate, dy, dgate_part, D, T, rows_per_chunk, grad_out2.stride(0), y2.stride(0), gate.stride(0),
+        ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return dy, dgate_part.sum(1).to(y.dtype)
+
+
+def _gated_residual_setup_context(ctx, inputs, output):
+    _, y, gate = inputs
+    ctx.save_for_backward(y, gate)
+
+
+def _gated_residual_backward(ctx, grad_out):
+    y, gate = ctx.saved_tensors
+    dy, dgate = _gated_residual_backward_op(grad_out, y, gate)
+    return grad_out, dy, dgate
+
+
+_gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup_context)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y; x, y (B, T, D), gate (B, D) per sample. Returns a new (B, T, D) tensor."""
+    return _gated_residual_op(x, y, gate)
+
+
+def gated_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch gated_residual, as DiT writes it: x + gate.unsqueeze(1) * y."""
+    return x + gate.unsqueeze(1) * y
