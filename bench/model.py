@@ -63,13 +63,14 @@ def step_fn(model: DiT, run: Callable, autocast: torch.dtype | None, inputs: tup
     return step
 
 
-def kernel_split_ms(step: Callable, iters: int = 2) -> dict:
-    """GPU time per step by kernel category, from the profiler's per-kernel self times."""
+def kernel_profile(step: Callable, iters: int = 2, top: int = 25) -> dict:
+    """GPU time per step by kernel category, and the costliest kernels, from the profiler's self times."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             step()
         torch.cuda.synchronize()
     split = {name: 0.0 for name, _ in KERNEL_CATEGORIES} | {"other": 0.0}
+    kernels = []
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         if us <= 0 or event.key.startswith("ProfilerStep"):
@@ -77,7 +78,10 @@ def kernel_split_ms(step: Callable, iters: int = 2) -> dict:
         name = event.key.lower()
         category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
         split[category] += us / 1000 / iters
-    return {k: round(v, 2) for k, v in split.items()}
+        kernels.append((us / 1000 / iters, event.count // iters, category, event.key[:120]))
+    kernels.sort(reverse=True)
+    return {"split_ms": {k: round(v, 2) for k, v in split.items()},
+            "top_kernels": [{"ms": round(ms, 3), "calls": n, "category": c, "name": k} for ms, n, c, k in kernels[:top]]}
 
 
 def measure(variant: str, model, run, autocast, batch: int, backward: bool, peak: float, profile_it: bool) -> dict:
@@ -96,8 +100,8 @@ def measure(variant: str, model, run, autocast, batch: int, backward: bool, peak
         "first_call_s": round(first_call_s, 1),
     }
     if profile_it:
-        row["split_ms"] = kernel_split_ms(step)
-    print(row, flush=True)
+        row.update(kernel_profile(step))
+    print({k: v for k, v in row.items() if k != "top_kernels"}, flush=True)
     return row
 
 

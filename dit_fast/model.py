@@ -166,8 +166,13 @@ class DiT(nn.Module):
         return out.to(in_dtype) if self.fused else out
 
     def compile_blocks(self, **compile_kwargs) -> None:
-        """torch.compile(fullgraph=True) each block on its own (the unit FSDP shards)."""
+        """torch.compile(fullgraph=True) each block on its own (the unit FSDP shards).
+
+        The blocks share one code object, and each (batch size, grad mode, last block or not) is its own
+        compiled entry, so the recompile limit is raised past Dynamo's default of 8.
+        """
         compile_kwargs.setdefault("fullgraph", True)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.blocks:
             if self.hoist_modulation:
                 block.forward_chained = torch.compile(block.forward_chained, **compile_kwargs)

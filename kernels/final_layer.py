@@ -64,11 +64,11 @@ def _final_layer_fwd_kernel(
     eps,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     WIDE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 (never rounded to TF32), "tf32" (a no-op) for 16-bit
 ):
     """Normalise, modulate and project BLOCK_M tokens of one sample."""
     stats_dtype = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     dot_dtype = stats_dtype if WIDE_DOT else X_ptr.dtype.element_ty  # tl.dot operands
-    precision = "ieee" if WIDE_DOT else "tf32"  # fp32 never rounded to TF32; "tf32" is a no-op for 16-bit
     chunk = tl.program_id(0)
     sample = tl.program_id(1).to(tl.int64)
     tokens = chunk * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -112,7 +112,7 @@ def _final_layer_fwd_kernel(
                 W_ptr + outs[None, :] * stride_w_o + cols[:, None] * stride_w_d,
                 mask=col_mask[:, None] & out_mask[None, :], other=0.0,
             )
-            acc = tl.dot(h.to(dot_dtype), w_t.to(dot_dtype), acc, input_precision=precision, out_dtype=stats_dtype)
+            acc = tl.dot(h.to(dot_dtype), w_t.to(dot_dtype), acc, input_precision=DOT_PRECISION, out_dtype=stats_dtype)
         bias = tl.load(BIAS_ptr + outs, mask=out_mask, other=0.0).to(stats_dtype)
         out = acc + bias[None, :]
         tl.store(
@@ -127,11 +127,11 @@ def _dh_tile(
     DOUT_ptr, W_ptr, rows, token_mask, cols, col_mask, O, stride_dout_row, stride_w_o, stride_w_d,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     WIDE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 (never rounded to TF32), "tf32" (a no-op) for 16-bit
 ):
     """dh = dout @ weight for BLOCK_M rows and BLOCK_K columns, summed over all outputs in BLOCK_O steps."""
     stats_dtype = tl.float64 if W_ptr.dtype.element_ty == tl.float64 else tl.float32
     dot_dtype = stats_dtype if WIDE_DOT else W_ptr.dtype.element_ty  # tl.dot operands
-    precision = "ieee" if WIDE_DOT else "tf32"  # fp32 never rounded to TF32; "tf32" is a no-op for 16-bit
     dh = tl.zeros((BLOCK_M, BLOCK_K), dtype=stats_dtype)
     for o0 in range(0, O, BLOCK_O):
         outs = o0 + tl.arange(0, BLOCK_O)
@@ -144,7 +144,7 @@ def _dh_tile(
             W_ptr + outs[:, None] * stride_w_o + cols[None, :] * stride_w_d,
             mask=out_mask[:, None] & col_mask[None, :], other=0.0,
         )
-        dh = tl.dot(dout.to(dot_dtype), w.to(dot_dtype), dh, input_precision=precision, out_dtype=stats_dtype)
+        dh = tl.dot(dout.to(dot_dtype), w.to(dot_dtype), dh, input_precision=DOT_PRECISION, out_dtype=stats_dtype)
     return dh
 
 
@@ -163,11 +163,11 @@ def _final_layer_bwd_dx_kernel(
     stride_dout_row, stride_x_row, stride_scale_b, stride_scale_d, stride_w_o, stride_w_d,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     WIDE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 (never rounded to TF32), "tf32" (a no-op) for 16-bit
 ):
     """dx for BLOCK_M tokens of one sample, plus that program's partials of dshift and dscale."""
     stats_dtype = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     dot_dtype = stats_dtype if WIDE_DOT else X_ptr.dtype.element_ty  # tl.dot operands
-    precision = "ieee" if WIDE_DOT else "tf32"  # fp32 never rounded to TF32; "tf32" is a no-op for 16-bit
     chunk = tl.program_id(0)
     sample = tl.program_id(1).to(tl.int64)
     tokens = chunk * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -188,7 +188,7 @@ def _final_layer_bwd_dx_kernel(
         xhat = (x.to(stats_dtype) - mean[:, None]) * rstd[:, None]  # (BLOCK_M, BLOCK_K)
         scale = tl.load(scale_ptrs + cols * stride_scale_d, mask=col_mask, other=0.0).to(stats_dtype)
         dh = _dh_tile(DOUT_ptr, W_ptr, rows, token_mask, cols, col_mask, O, stride_dout_row, stride_w_o,
-                      stride_w_d, BLOCK_M, BLOCK_K, BLOCK_O, WIDE_DOT)
+                      stride_w_d, BLOCK_M, BLOCK_K, BLOCK_O, WIDE_DOT, DOT_PRECISION)
         dxhat = dh * (1.0 + scale[None, :])
         sum_dxhat += tl.sum(dxhat, axis=1)
         sum_dxhat_xhat += tl.sum(dxhat * xhat, axis=1)
@@ -205,7 +205,7 @@ def _final_layer_bwd_dx_kernel(
         xhat = (x.to(stats_dtype) - mean[:, None]) * rstd[:, None]  # (BLOCK_M, BLOCK_K)
         scale = tl.load(scale_ptrs + cols * stride_scale_d, mask=col_mask, other=0.0).to(stats_dtype)
         dh = _dh_tile(DOUT_ptr, W_ptr, rows, token_mask, cols, col_mask, O, stride_dout_row, stride_w_o,
-                      stride_w_d, BLOCK_M, BLOCK_K, BLOCK_O, WIDE_DOT)
+                      stride_w_d, BLOCK_M, BLOCK_K, BLOCK_O, WIDE_DOT, DOT_PRECISION)
         dxhat = dh * (1.0 + scale[None, :])
         dx = rstd[:, None] * (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None])
         tl.store(DX_ptr + rows[:, None] * D + cols[None, :], dx.to(DX_ptr.dtype.element_ty),
@@ -226,11 +226,11 @@ def _final_layer_bwd_dweight_kernel(
     stride_dout_row, stride_x_row, stride_shift_b, stride_shift_d, stride_scale_b, stride_scale_d,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
     WIDE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 (never rounded to TF32), "tf32" (a no-op) for 16-bit
 ):
     """One (BLOCK_O, BLOCK_K) tile of dout^T @ h over one split's rows; the D-tile-0 programs also sum dbias."""
     stats_dtype = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     dot_dtype = stats_dtype if WIDE_DOT else X_ptr.dtype.element_ty  # tl.dot operands
-    precision = "ieee" if WIDE_DOT else "tf32"  # fp32 never rounded to TF32; "tf32" is a no-op for 16-bit
     col_tile = tl.program_id(0)
     out_tile = tl.program_id(1)
     split = tl.program_id(2).to(tl.int64)
@@ -259,7 +259,7 @@ def _final_layer_bwd_dweight_kernel(
             DOUT_ptr + rows[None, :] * stride_dout_row + outs[:, None],
             mask=out_mask[:, None] & row_mask[None, :], other=0.0,
         )
-        dweight = tl.dot(dout_t.to(dot_dtype), h.to(dot_dtype), dweight, input_precision=precision, out_dtype=stats_dtype)
+        dweight = tl.dot(dout_t.to(dot_dtype), h.to(dot_dtype), dweight, input_precision=DOT_PRECISION, out_dtype=stats_dtype)
         dbias += tl.sum(dout_t.to(stats_dtype), axis=1)
     tl.store(DW_PART_ptr + (split * O + outs[:, None]) * D + cols[None, :], dweight,
              mask=out_mask[:, None] & col_mask[None, :])
@@ -310,6 +310,11 @@ def _wide_dot(dtype: torch.dtype) -> bool:
     GPU accumulates in fp32 too.
     """
     return dtype in (torch.float32, torch.float64) or (RUNS_IN_INTERPRETER and dtype == torch.bfloat16)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: exact for wide floats (a string constexpr: triton 3.6 cannot pick one in-kernel)."""
+    return "ieee" if _wide_dot(dtype) else "tf32"
 
 
 def _rows_2d(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -363,7 +368,7 @@ def _launch_forward(x, shift, scale, weight, bias, eps):
         weight.stride(0), weight.stride(1),
         eps,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=_block_o(O, max(block_m, block_k), x.dtype),
-        WIDE_DOT=_wide_dot(x.dtype), num_warps=ROW_PROGRAM_WARPS,
+        WIDE_DOT=_wide_dot(x.dtype), DOT_PRECISION=_dot_precision(x.dtype), num_warps=ROW_PROGRAM_WARPS,
     )
     return out.view(B, T, O), mean, rstd
 
@@ -391,7 +396,7 @@ def _launch_backward(grad_out, x, shift, scale, weight, mean, rstd):
         T, D, O,
         dout2d.stride(0), x2d.stride(0), scale.stride(0), scale.stride(1), weight.stride(0), weight.stride(1),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=_block_o(O, max(block_m, block_k), x.dtype),
-        WIDE_DOT=wide_dot, num_warps=ROW_PROGRAM_WARPS,
+        WIDE_DOT=wide_dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=ROW_PROGRAM_WARPS,
     )
 
     block_k = _block_k(D, 64)
@@ -408,7 +413,7 @@ def _launch_backward(grad_out, x, shift, scale, weight, mean, rstd):
         N, T, D, O, rows_per_split,
         dout2d.stride(0), x2d.stride(0), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
         BLOCK_N=DWEIGHT_BLOCK_N, BLOCK_K=block_k, BLOCK_O=block_o,
-        WIDE_DOT=wide_dot, num_warps=DWEIGHT_WARPS,
+        WIDE_DOT=wide_dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=DWEIGHT_WARPS,
     )
     return (
         dx.view(B, T, D),
