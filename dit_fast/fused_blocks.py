@@ -42,8 +42,8 @@ class FusedAdaLNZeroBlock(AdaLNZeroBlock):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Self-contained block (its own adaLN projection): the form FSDP shards and compiles per block."""
-        mods = self.adaLN_modulation(c).view(c.shape[0], 6, -1)  # (N, 6, D)
-        h = ln_modulate(x, mods[:, 0], mods[:, 1])
+        mods = self.adaLN_modulation(c).view(c.shape[0], 6, -1).unbind(1)  # 6 strided (N, D) views
+        h = ln_modulate(x, mods[0], mods[1])
         x, _ = self.forward_chained(x, h, mods)
         return x
 
@@ -51,19 +51,21 @@ class FusedAdaLNZeroBlock(AdaLNZeroBlock):
         self,
         x: torch.Tensor,
         h: torch.Tensor,
-        mods: torch.Tensor,
+        mods: tuple[torch.Tensor, ...],
         next_shift: torch.Tensor | None = None,
         next_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (N, T, D) residual stream and h = its first modulated norm; mods (N, 6, D) this block's adaLN outputs.
+        """x (N, T, D) residual stream and h = its first modulated norm; mods this block's six (N, D) adaLN
+        outputs (shift, scale, gate for attention, then for the MLP).
 
         Returns the new residual stream and, given the next block's shift/scale, its first modulated norm.
         """
-        x, h = gated_residual_ln_modulate(x, self.attn(h), mods[:, 2], mods[:, 3], mods[:, 4])
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x, h = gated_residual_ln_modulate(x, self.attn(h), gate_msa, shift_mlp, scale_mlp)
         m = self.mlp(h)  # (N, T, D)
         if next_shift is None:
-            return gated_residual(x, m, mods[:, 5]), None
-        return gated_residual_ln_modulate(x, m, mods[:, 5], next_shift, next_scale)
+            return gated_residual(x, m, gate_mlp), None
+        return gated_residual_ln_modulate(x, m, gate_mlp, next_shift, next_scale)
 
 
 class FusedAdaLNBlock(AdaLNBlock):
@@ -74,18 +76,18 @@ class FusedAdaLNBlock(AdaLNBlock):
         self.mlp = FusedMlp(hidden_size, mlp_hidden)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        mods = self.adaLN_modulation(c).view(c.shape[0], 4, -1)  # (N, 4, D)
-        x = x + self.attn(ln_modulate(x, mods[:, 0], mods[:, 1]))
-        return x + self.mlp(ln_modulate(x, mods[:, 2], mods[:, 3]))
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).view(c.shape[0], 4, -1).unbind(1)
+        x = x + self.attn(ln_modulate(x, shift_msa, scale_msa))
+        return x + self.mlp(ln_modulate(x, shift_mlp, scale_mlp))
 
 
 class FusedFinalLayer(FinalLayer):
     """LayerNorm + modulate + the output linear in one memory-bound kernel that reads x once."""
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        mods = self.adaLN_modulation(c).view(c.shape[0], 2, -1)  # (N, 2, D)
-        return self.forward_modulated(x, mods)
+        return self.forward_modulated(x, self.adaLN_modulation(c).view(c.shape[0], 2, -1).unbind(1))
 
-    def forward_modulated(self, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
-        """x (N, T, D) with precomputed (N, 2, D) shift/scale -> (N, T, p*p*C_out)."""
-        return final_layer(x, mods[:, 0], mods[:, 1], self.linear.weight, self.linear.bias)
+    def forward_modulated(self, x: torch.Tensor, mods: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (N, T, D) with precomputed (N, D) shift and scale -> (N, T, p*p*C_out)."""
+        shift, scale = mods
+        return final_layer(x, shift, scale, self.linear.weight, self.linear.bias)

@@ -129,13 +129,15 @@ class DiT(nn.Module):
         """
         n, d, depth = c.shape[0], self.cfg.hidden_size, self.cfg.depth
         weight, bias = self.hoisted_modulation_weights()
-        mods = F.linear(F.silu(c), weight, bias)  # (N, depth*6D + 2D)
-        block_mods = mods[:, : depth * 6 * d].view(n, depth, 6, d)  # strided views, no copies
-        h = ln_modulate(x, block_mods[:, 0, 0], block_mods[:, 0, 1])  # later norms come fused with residuals
+        mods = F.linear(F.silu(c), weight, bias).view(n, 6 * depth + 2, d)  # (N, 6*depth + 2, D)
+        # One unbind: its backward stacks the per-view gradients in one kernel, where slicing would
+        # zero-fill and add into the whole (N, 6*depth + 2, D) gradient once per view.
+        rows = mods.unbind(1)  # 6*depth + 2 strided (N, D) views
+        h = ln_modulate(x, rows[0], rows[1])  # later norms come fused with the previous residual
         for i, block in enumerate(self.blocks):
-            following = (block_mods[:, i + 1, 0], block_mods[:, i + 1, 1]) if i + 1 < depth else (None, None)
-            x, h = block.forward_chained(x, h, block_mods[:, i], *following)
-        return self.final_layer.forward_modulated(x, mods[:, depth * 6 * d :].view(n, 2, d))
+            following = rows[6 * i + 6 : 6 * i + 8] if i + 1 < depth else (None, None)
+            x, h = block.forward_chained(x, h, rows[6 * i : 6 * i + 6], *following)
+        return self.final_layer.forward_modulated(x, rows[-2:])
 
     def resolve_attention(self, tokens: torch.Tensor) -> None:
         """Turn attn="auto" into a concrete backend for these tokens' device/dtype/length, outside compiled code."""
