@@ -15,6 +15,9 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"
   [ -e dit_fast/kernels ] || ln -s ../kernels dit_fast/kernels  # what setup.py's package_dir does
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+if [ -d .whl ]; then  # optional pure-Python wheels carried with the call (diffusers for the sampling comparison)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site
+fi
 status=0
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember a failure, go on
   local name=$1; shift
@@ -35,7 +38,9 @@ for stage in "$@"; do
       step bench_kernels python3 -m bench.kernels --out "$OUT/kernels.json"
       step bench_attention python3 -m bench.attention --out "$OUT/attention.json" ;;
     model) step bench_model python3 -m bench.model --out "$OUT/model.json" ;;
-    sampling) step bench_sampling python3 -m bench.sampling --out "$OUT/sampling.json" ;;
+    sampling)
+      step sampling_tests python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/gpu/test_sampling_gpu.py
+      step bench_sampling python3 -m bench.sampling --out "$OUT/sampling.json" ;;
     train) step bench_train python3 -m bench.train_step --out "$OUT/train_step.json" ;;
     *) echo "unknown stage '$stage'; choose tests, kernels, model, sampling, train"; exit 2 ;;
   esac
