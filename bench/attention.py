@@ -10,12 +10,11 @@ the backend `resolve_backend("auto", ...)` picks for that shape.
     python -m bench.attention [--quick] [--out bench/results/attention-<gpu>.json]
 """
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+
+from bench.environment import git_commit, require_cuda, save_report
 
 from dit_fast.attention import attention, attention_flops, available_backends, resolve_backend, unavailable_backends
 from dit_fast.config import DIT_CONFIGS, get_config
@@ -68,14 +67,6 @@ def time_backend_ms(backend: str, shape: dict, mode: str, rep_ms: int) -> float:
 
     return do_bench(forward_backward if training else forward, warmup=25, rep=rep_ms, return_mode="median")
 
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
 def run(quick: bool) -> dict:
@@ -148,17 +139,12 @@ def markdown_tables(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(f'{n} {s}px' for n, s in QUICK_SHAPES)}")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/attention-<gpu>.json)")
+    parser.add_argument("--out", help="JSON path (default bench/results/attention-<gpu>.json)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench/attention.py needs a CUDA GPU; torch sees none here (torch.cuda.is_available() is False)")
+    require_cuda("bench/attention.py")
     report = run(args.quick)
-    gpu_slug = report["gpu"].lower().replace(" ", "-")
-    out = args.out or REPO_ROOT / "bench" / "results" / f"attention-{gpu_slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(markdown_tables(report))
-    print(f"\nwrote {out}")
+    print("\nwrote", save_report(report, "attention", args.out))
 
 
 if __name__ == "__main__":

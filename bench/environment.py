@@ -20,7 +20,12 @@ def require_cuda(script: str) -> None:
 
 
 def git_commit() -> str:
-    """The checked-out commit, '+dirty' when the tree has uncommitted changes, or 'unknown' outside git."""
+    """The checked-out commit, '+dirty' when the tree has uncommitted changes, or 'unknown' outside git.
+
+    DIT_FAST_COMMIT overrides it, for copies of the tree without .git (a GPU machine given the files only).
+    """
+    if os.environ.get("DIT_FAST_COMMIT"):
+        return os.environ["DIT_FAST_COMMIT"]
     root = os.path.dirname(RESULTS_DIR)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)

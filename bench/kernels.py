@@ -14,15 +14,14 @@ process (a large device-to-device copy, read + write bytes).
     python -m bench.kernels [--quick] [--out bench/results/kernels-<gpu>.json]
 """
 import argparse
-import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from bench.environment import git_commit, require_cuda, save_report
 
 from dit_fast.kernels import (
     final_layer,
@@ -207,14 +206,6 @@ def compile_seconds(compiled: Callable, inputs: dict) -> float:
     return time.perf_counter() - start
 
 
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-
 
 def run(quick: bool) -> dict:
     """Benchmark every op at every shape with all three implementations; returns the JSON-ready result."""
@@ -296,17 +287,12 @@ def markdown_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only (B, T) in {QUICK_SHAPES}, shorter timing")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels-<gpu>.json)")
+    parser.add_argument("--out", help="JSON path (default bench/results/kernels-<gpu>.json)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU; torch sees none here (torch.cuda.is_available() is False)")
+    require_cuda("bench/kernels.py")
     report = run(args.quick)
-    gpu_slug = report["gpu"].lower().replace(" ", "-")
-    out = args.out or REPO_ROOT / "bench" / "results" / f"kernels-{gpu_slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(markdown_table(report))
-    print(f"\nwrote {out}")
+    print("\nwrote", save_report(report, "kernels", args.out))
 
 
 if __name__ == "__main__":
