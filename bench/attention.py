@@ -10,7 +10,6 @@ the backend `resolve_backend("auto", ...)` picks for that shape.
     python -m bench.attention [--quick] [--out bench/results/attention-<gpu>.json]
 """
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -23,7 +22,6 @@ DTYPE = torch.bfloat16
 TOKENS_PER_BATCH = 65536
 MODES = ("fwd", "fwd+bwd")
 QUICK_SHAPES = (("DiT-B/2", 256), ("DiT-XL/2", 256), ("DiT-XL/2", 512))
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def dit_shapes(quick: bool) -> list[dict]:

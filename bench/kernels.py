@@ -16,7 +16,6 @@ process (a large device-to-device copy, read + write bytes).
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -44,7 +43,6 @@ QUICK_SHAPES = ((256, 256), (64, 1024))
 PASSES = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("eager", "compiled", "triton")
 COPY_BYTES = 4 * 2**30  # source size of the bandwidth reference copy
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
