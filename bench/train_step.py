@@ -19,6 +19,7 @@ img/s is global:
 
 import argparse
 import copy
+import gc
 import os
 import statistics
 import time
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from bench.environment import environment, matmul_peak_tflops, require_cuda, save_report
+from dit_fast.config import get_config
 from dit_fast.diffusion import create_diffusion
 from dit_fast.ema import DEFAULT_DECAY, ShardedEMA
 from dit_fast.flops import train_flops_per_image
@@ -162,8 +164,9 @@ def bench_original(env: DistEnv, batches: list[int], peak: float, flops: int, st
 
 
 def release_memory() -> None:
-    """Drop compiled graphs (they hold the models) and cached blocks before the next configuration."""
+    """Drop compiled graphs (they hold the models), collect cycles, free cached blocks: the next model's memory."""
     torch._dynamo.reset()
+    gc.collect()
     torch.cuda.empty_cache()
 
 
@@ -195,7 +198,7 @@ def run(quick: bool = False, per_gpu_batches: list[int] | None = None, only_dit_
     with distributed() as env:
         batches = per_gpu_batches or ([256] if quick else [256, 128])
         peak = matmul_peak_tflops()
-        flops = train_flops_per_image(create_model(MODEL, image_size=IMAGE_SIZE).cfg)
+        flops = train_flops_per_image(get_config(MODEL, image_size=IMAGE_SIZE))
         results = bench_dit_fast(env, batches, peak, flops, steps, warmup)
         release_memory()
         if env.world_size == 1 and not only_dit_fast:

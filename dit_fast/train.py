@@ -1,0 +1,914 @@
+"""Train a DiT: `torchrun --nproc_per_node=N train.py --model DiT-XL/2 ...` (one GPU or the CPU: `python train.py`).
+
+FSDP2 over all ranks (bf16 compute, fp32 master weights and gradient reduction), per-block
+torch.compile, fused AdamW, an fp32 EMA sharded like the parameters, sharded checkpoints that resume
+exactly, and rank-0 logging of the all-reduced loss, grad norm, img/s, TFLOP/s and MFU.
+
+Data: the embedded synthetic dataset (default), an ImageNet-layout folder encoded online by the VAE
+(--data-path), or latent shards made by `python -m dit_fast.extract` (--latents).
+
+Every random draw of a step (timesteps, noise, label dropout, flips, posterior samples) is made for the
+whole global batch from a generator seeded by (global seed, step), and each rank takes its slice; the
+data order is a per-epoch shuffle of global batches. So 1 and N GPUs at the same global batch see the
+same samples and noise, and a resumed run continues as the uninterrupted one would.
+
+One host sync per step, by design: the all-reduced loss and gradient norm are checked for finiteness
+before the optimizer step (a non-finite value stops every rank with the step named, and the last
+checkpoint stays good). It rides on the one all-reduce that also yields the logged loss and grad norm;
+bench/train_step.py measures its cost. Logged values are otherwise accumulated on the device and read
+every --log-every steps.
+"""
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_convert
+from tqdm.auto import tqdm
+
+from dit_fast.attention import AUTO, BACKEND_NAMES
+from dit_fast.checkpoint import load_checked
+from dit_fast.config import BLOCK_TYPES, DIT_CONFIGS, IMAGE_SIZES, get_config
+from dit_fast.data import SyntheticDataset, check_image_size, latent_to_rgb
+from dit_fast.diffusion import GaussianDiffusion, create_diffusion
+from dit_fast.ema import DEFAULT_DECAY, ShardedEMA
+from dit_fast.extract import load_encoder
+from dit_fast.flops import mfu, train_flops_per_image
+from dit_fast.image_data import ImageFolder, flip_where, uint8_to_model_range
+from dit_fast.images import make_grid, save_grid
+from dit_fast.latent_data import LatentShards, read_meta, sample_posterior
+from dit_fast.model import create_model
+from dit_fast.parallel import DistEnv, build_fsdp_model, distributed, local_tensor
+from dit_fast.train_state import (
+    checkpoint_name,
+    is_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
+
+OPTIMIZERS = ("adamw", "apex")
+IMAGENET_TRAIN_IMAGES = 1_281_167
+ASSUMED_PEAK_TFLOPS = 777.0  # H200 bf16 dense matmul, measured (8192^3); an assumption on other GPUs
+GRID_CLASSES = 8
+GRID_SAMPLES_PER_CLASS = 4
+GRID_SAMPLING_STEPS = 50
+RESUMED_RUN_KEYS = ("model", "image_size", "block", "global_batch_size", "data", "dataset_size", "global_seed")
+logger = logging.getLogger("dit_fast.train")
+
+
+class UsageError(ValueError):
+    """Bad command-line input; main() reports it like argparse does."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (out of memory); the message says what to change."""
+
+
+@dataclass
+class TrainHooks:
+    """Fault injection and inspection for tests (steps count from 1)."""
+
+    nan_inputs_at_step: int | None = None  # poison that step's latents: the loss turns non-finite
+    exit_during_checkpoint_at_step: int | None = None  # os._exit(1) after writing that checkpoint, before its rename
+    exit_after_step: int | None = None  # os._exit(1) once that step (and its checkpoint) is done: a kill
+    vae: object | None = None  # used instead of loading --vae (a fake encoder/decoder in tests)
+    on_finish: Callable[["TrainObjects"], None] | None = None  # every rank, before the process group closes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=list(DIT_CONFIGS), default="DiT-XL/2", help="default: %(default)s")
+    model.add_argument(
+        "--image-size", type=int, default=None,
+        help=f"{' or '.join(map(str, IMAGE_SIZES))} for the paper's models (default 256); DiT-debug takes any "
+        "multiple of 16 from 32 (default 64)",
+    )  # fmt: skip
+    model.add_argument(
+        "--block", choices=BLOCK_TYPES, default="adaLN-Zero", help="conditioning variant (default: %(default)s)"
+    )
+    model.add_argument(
+        "--attn", choices=(AUTO, *BACKEND_NAMES), default=AUTO, help="attention backend (default: %(default)s)"
+    )
+    model.add_argument(
+        "--fused", action=argparse.BooleanOptionalAction, default=None,
+        help="the Triton fast path (default: on with CUDA, off on the CPU)",
+    )  # fmt: skip
+    model.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile(fullgraph=True) each block (default: on with CUDA, off on the CPU)",
+    )  # fmt: skip
+    model.add_argument(
+        "--grad-ckpt", action="store_true", help="activation checkpointing of every block (saves memory)"
+    )
+
+    data = parser.add_argument_group("data (default: the embedded synthetic dataset)")
+    data.add_argument(
+        "--data-path", help="ImageNet-layout image folder <root>/<class>/<image>, encoded online by the VAE"
+    )
+    data.add_argument("--latents", help="latent directory made by `python -m dit_fast.extract`")
+    data.add_argument(
+        "--vae", default=None,
+        help="diffusers AutoencoderKL, a hub id or a local directory: encodes --data-path (default "
+        "stabilityai/sd-vae-ft-ema) and decodes the sample grids (without one, grids preview latent channels 0-2)",
+    )  # fmt: skip
+    data.add_argument(
+        "--synthetic-size",
+        type=int,
+        default=IMAGENET_TRAIN_IMAGES,
+        help="items per synthetic epoch (default: %(default)s)",
+    )
+    data.add_argument(
+        "--num-workers", type=int, default=8, help="data loading processes per rank (default: %(default)s)"
+    )
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=256,
+        help="summed over ranks, divisible by the world size (default: %(default)s)",
+    )
+    optim.add_argument("--epochs", type=int, default=1400, help="default: %(default)s")
+    optim.add_argument("--max-steps", type=int, default=None, help="stop at this step (counted over the whole run)")
+    optim.add_argument(
+        "--lr", type=float, default=1e-4, help="constant learning rate, no weight decay (default: %(default)s)"
+    )
+    optim.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="torch AdamW (fused on CUDA) or apex FusedAdam (default: %(default)s)",
+    )
+    optim.add_argument(
+        "--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: no clipping)"
+    )
+    optim.add_argument("--ema-decay", type=float, default=DEFAULT_DECAY, help="default: %(default)s")
+    optim.add_argument("--global-seed", type=int, default=0, help="default: %(default)s")
+    optim.add_argument(
+        "--deterministic", action="store_true",
+        help="deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning), for comparisons",
+    )  # fmt: skip
+
+    run = parser.add_argument_group(
+        "results and resuming",
+        "A run lives in RESULTS_DIR/RUN_NAME/ (log.txt, metrics.jsonl, checkpoints/, samples/). If that directory "
+        "already has a complete checkpoint, the run resumes from the latest one, so rerunning the same command "
+        "continues it; --resume PATH starts from a given checkpoint; --no-resume refuses a directory that has one.",
+    )  # fmt: skip
+    run.add_argument("--results-dir", default="results", help="default: %(default)s")
+    run.add_argument("--run-name", default=None, help="default: <model>-<image size>px, e.g. DiT-XL-2-256px")
+    resume = run.add_mutually_exclusive_group()
+    resume.add_argument("--resume", metavar="PATH", default=None, help="a checkpoint directory to start from")
+    resume.add_argument(
+        "--no-resume", action="store_true", help="start from scratch; an error if the run has checkpoints"
+    )
+    run.add_argument(
+        "--ckpt-every",
+        type=int,
+        default=50_000,
+        help="steps between checkpoints, plus one at the end (default: %(default)s)",
+    )
+    run.add_argument(
+        "--keep-last", type=int, default=3, help="complete checkpoints kept, 0 keeps all (default: %(default)s)"
+    )
+    run.add_argument("--log-every", type=int, default=100, help="default: %(default)s")
+    run.add_argument(
+        "--sample-every", type=int, default=10_000,
+        help="EMA sample grid every N steps and at the end, 0 for never (default: %(default)s)",
+    )  # fmt: skip
+    run.add_argument(
+        "--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids (default: %(default)s)"
+    )
+    run.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
+    run.add_argument(
+        "--peak-tflops", type=float, default=ASSUMED_PEAK_TFLOPS,
+        help="per-GPU bf16 peak that MFU is relative to; assumed, the default is an H200's measured 8192^3 matmul",
+    )  # fmt: skip
+    return parser
+
+
+def default_image_size(model: str) -> int:
+    return DIT_CONFIGS[model].input_size * 8
+
+
+def check_image_size_for(model: str, image_size: int) -> None:
+    """256/512 for the paper's models; DiT-debug takes any size its patches and the synthetic data allow."""
+    if model != "DiT-debug" and image_size not in IMAGE_SIZES:
+        raise UsageError(
+            f"image size {image_size} is not valid for {model}; choose one of {', '.join(map(str, IMAGE_SIZES))}"
+        )
+    try:
+        get_config(model, image_size=image_size)
+        check_image_size(image_size)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def check_optional_package(flag: str, module: str, install: str) -> None:
+    try:
+        __import__(module)
+    except ImportError as error:
+        raise UsageError(f"{flag} needs {module}, which cannot be imported here ({error}); {install}") from None
+
+
+def check_args(args: argparse.Namespace, world_size: int) -> None:
+    """Every check that can fail before any work starts, with the bad value and what to do instead."""
+    check_image_size_for(args.model, args.image_size)
+    if args.global_batch_size < 1 or args.global_batch_size % world_size:
+        example = world_size * max(1, args.global_batch_size // world_size)
+        raise UsageError(
+            f"--global-batch-size {args.global_batch_size} must be a positive multiple of the world size "
+            f"{world_size} (each rank takes an equal share); e.g. {example}"
+        )
+    positive = {"--epochs": args.epochs, "--ckpt-every": args.ckpt_every, "--log-every": args.log_every,
+                "--lr": args.lr, "--synthetic-size": args.synthetic_size}  # fmt: skip
+    if args.max_steps is not None:
+        positive["--max-steps"] = args.max_steps
+    if args.max_grad_norm is not None:
+        positive["--max-grad-norm"] = args.max_grad_norm
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    non_negative = {
+        "--keep-last": args.keep_last,
+        "--sample-every": args.sample_every,
+        "--num-workers": args.num_workers,
+    }
+    for flag, value in non_negative.items():
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise UsageError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    if args.data_path and args.latents:
+        raise UsageError("pass either --data-path (images, encoded online) or --latents (pre-extracted), not both")
+    if args.data_path and not Path(args.data_path).is_dir():
+        raise UsageError(
+            f"--data-path {args.data_path!r} is not a directory; pass an ImageNet-layout folder <root>/<class>/<image>"
+        )
+    if args.latents:
+        check_latents(args)
+    if args.resume and not is_checkpoint(args.resume):
+        raise UsageError(
+            f"--resume {args.resume!r} is not a complete checkpoint directory (with trainer.json and .metadata)"
+        )
+    if args.optimizer == "apex":
+        check_optional_package("--optimizer apex", "apex.optimizers", "install NVIDIA apex, or use --optimizer adamw")
+    if args.tensorboard:
+        check_optional_package(
+            "--tensorboard", "torch.utils.tensorboard", "pip install tensorboard, or drop --tensorboard"
+        )
+
+
+def check_latents(args: argparse.Namespace) -> None:
+    try:
+        meta = read_meta(args.latents)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--latents: {error}") from None
+    if meta["image_size"] != args.image_size:
+        raise UsageError(
+            f"--latents {args.latents!r} holds {meta['image_size']}px latents, but --image-size is {args.image_size}"
+        )
+    num_classes = DIT_CONFIGS[args.model].num_classes
+    if len(meta["classes"]) > num_classes:
+        raise UsageError(f"--latents has {len(meta['classes'])} classes, more than {args.model}'s {num_classes}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+
+class SyntheticLatents(SyntheticDataset):
+    """The embedded dataset as latents, fetched a batch at a time by the DataLoader."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.get_batch(indices)
+
+
+def mixed_seed(*numbers: int) -> int:
+    """A 63-bit seed from a tuple of integers (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the next batch comes from: the epoch and the global batch within it."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+class GlobalBatchSampler:
+    """This rank's slice of every global batch of a per-epoch shuffle (drop-last); starts mid-epoch to resume.
+
+    The global batches do not depend on the world size: rank r of W takes the r-th of W equal slices.
+    """
+
+    def __init__(self, num_items: int, global_batch: int, env: DistEnv, seed: int):
+        if num_items < global_batch:
+            raise UsageError(f"the dataset has {num_items} items, fewer than one global batch of {global_batch}")
+        self.num_items = num_items
+        self.global_batch = global_batch
+        self.local_batch = global_batch // env.world_size
+        self.rank = env.rank
+        self.seed = seed
+        self.batches_per_epoch = num_items // global_batch
+        self.position = DataPosition()
+
+    def set_position(self, position: DataPosition) -> None:
+        """Like DistributedSampler.set_epoch, plus the batch to start from."""
+        self.position = position
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.position.batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(
+            self.num_items, generator=torch.Generator().manual_seed(mixed_seed(self.seed, self.position.epoch))
+        )
+        for batch in range(self.position.batch, self.batches_per_epoch):
+            start = batch * self.global_batch + self.rank * self.local_batch
+            yield order[start : start + self.local_batch].tolist()
+
+
+def next_position(position: DataPosition, batches_per_epoch: int) -> DataPosition:
+    if position.batch + 1 < batches_per_epoch:
+        return DataPosition(position.epoch, position.batch + 1)
+    return DataPosition(position.epoch + 1, 0)
+
+
+def epoch_batches(
+    loader: DataLoader, sampler: GlobalBatchSampler, start: DataPosition
+) -> Iterator[tuple[DataPosition, list]]:
+    """(position, batch) pairs forever, from `start` on, epoch after epoch."""
+    position = start
+    while True:
+        sampler.set_position(position)
+        for batch in loader:
+            yield position, batch
+            position = next_position(position, sampler.batches_per_epoch)
+
+
+@dataclass
+class DataSource:
+    """A dataset whose batches are (payload, labels), and how a payload becomes (N, C, h, w) latents."""
+
+    kind: str  # "synthetic" | "images" | "latents"
+    dataset: Dataset
+    vae: object | None = None  # encodes "images"; decodes sample grids when present
+
+    def to_latents(self, payload: torch.Tensor, flip: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if self.kind == "synthetic":
+            return payload.float()  # (N, C, h, w)
+        if self.kind == "latents":
+            return sample_posterior(payload, flip, eps)  # (N, C, h, w)
+        with torch.no_grad():
+            mean, std = self.vae.encode(flip_where(uint8_to_model_range(payload), flip))  # (N, C, h, w) each
+        return mean.float() + std.float() * eps
+
+
+def load_vae(source: str, device: torch.device, encode: bool):
+    """dit_fast.vae.VAE from a hub id or a local directory; a usage error when diffusers or the weights are missing."""
+    alternative = "pass --latents DIR with latents made by `python -m dit_fast.extract`" if encode else "drop --vae"
+    try:
+        return load_encoder(source, device, alternative)
+    except (ImportError, FileNotFoundError) as error:  # no diffusers, no weights
+        raise UsageError(f"--vae {source!r}: {error}") from None
+
+
+def make_data_source(args: argparse.Namespace, num_classes: int, env: DistEnv, hooks: TrainHooks) -> DataSource:
+    if args.latents:
+        try:
+            dataset = LatentShards(args.latents)
+        except FileNotFoundError as error:  # shards missing: extraction unfinished
+            raise UsageError(f"--latents: {error}") from None
+        vae = (
+            hooks.vae if hooks.vae is not None else (load_vae(args.vae, env.device, encode=False) if args.vae else None)
+        )
+        return DataSource("latents", dataset, vae)
+    if args.data_path:
+        from dit_fast.vae import DEFAULT_VAE
+
+        try:
+            folder = ImageFolder(args.data_path, args.image_size)
+        except FileNotFoundError as error:  # no class folders with images
+            raise UsageError(f"--data-path: {error}") from None
+        if len(folder.classes) > num_classes:
+            raise UsageError(f"--data-path has {len(folder.classes)} classes, more than the model's {num_classes}")
+        vae = hooks.vae if hooks.vae is not None else load_vae(args.vae or DEFAULT_VAE, env.device, encode=True)
+        return DataSource("images", folder, vae)
+    dataset = SyntheticLatents(num_classes, args.image_size, args.synthetic_size, latent=True, seed=args.global_seed)
+    return DataSource("synthetic", dataset, hooks.vae)
+
+
+@dataclass
+class StepRandomness:
+    """This rank's slice of one step's random draws for the global batch."""
+
+    t: torch.Tensor  # (n,) int64 diffusion steps
+    noise: torch.Tensor  # (n, C, h, w) the diffusion noise
+    eps: torch.Tensor  # (n, C, h, w) the VAE posterior sample
+    drop_label: torch.Tensor  # (n,) bool, classifier-free guidance dropout
+    flip: torch.Tensor  # (n,) bool, horizontal flip
+
+
+def draw_step_randomness(
+    seed: int,
+    step: int,
+    global_batch: int,
+    latent_shape: tuple[int, int, int],
+    num_timesteps: int,
+    label_dropout: float,
+    env: DistEnv,
+) -> StepRandomness:
+    """Draw for the whole global batch from a generator seeded by (seed, step), then slice this rank's part."""
+    generator = torch.Generator(env.device).manual_seed(mixed_seed(seed, step))
+    device, n = env.device, global_batch // env.world_size
+    rows = slice(env.rank * n, (env.rank + 1) * n)
+    t = torch.randint(0, num_timesteps, (global_batch,), generator=generator, device=device)  # (B,)
+    noise = torch.randn((global_batch, *latent_shape), generator=generator, device=device)  # (B, C, h, w)
+    eps = torch.randn((global_batch, *latent_shape), generator=generator, device=device)  # (B, C, h, w)
+    uniform = torch.rand((2, global_batch), generator=generator, device=device)  # (2, B)
+    return StepRandomness(t[rows], noise[rows], eps[rows], (uniform[0] < label_dropout)[rows], (uniform[1] < 0.5)[rows])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    """All-reduced over ranks, on the device: the global mean loss and the gradient norm (before clipping)."""
+
+    loss: torch.Tensor  # () fp32
+    grad_norm: torch.Tensor  # () fp32
+
+    def finite(self) -> torch.Tensor:
+        return torch.isfinite(self.loss) & torch.isfinite(self.grad_norm)  # () bool
+
+
+class TrainStep:
+    """One optimisation step in two halves, so the caller can stop between them: gradients(), then update().
+
+    It takes over classifier-free-guidance label dropout from the model (the model's own draw would use
+    each rank's device RNG): labels are replaced by the null class where drop_label is True.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: GaussianDiffusion,
+        optimizer: torch.optim.Optimizer,
+        ema: ShardedEMA,
+        max_grad_norm: float | None = None,
+    ):
+        self.model = model
+        self.diffusion = diffusion
+        self.optimizer = optimizer
+        self.ema = ema
+        self.max_grad_norm = max_grad_norm
+        self.null_class = model.y_embedder.num_classes
+        self.label_dropout = model.y_embedder.dropout_prob
+        model.y_embedder.dropout_prob = 0.0
+        self.params = [param for param in model.parameters() if param.requires_grad]
+
+    def local_grads(self) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [local_tensor(param.grad) for param in self.params]
+
+    def gradients(
+        self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, drop_label: torch.Tensor
+    ) -> StepStats:
+        """Forward, loss and backward; one all-reduce of [loss, squared grad norm] gives the global stats."""
+        y = torch.where(drop_label, self.null_class, y)  # (n,)
+        loss = self.diffusion.training_losses(self.model, x, t, {"y": y}, noise=noise)["loss"].mean()
+        loss.backward()
+        squares = torch.stack(torch._foreach_norm(self.local_grads())).square().sum()  # each element lives on one rank
+        totals = torch.stack([loss.detach().float(), squares])  # (2,)
+        dist.all_reduce(totals)
+        return StepStats(totals[0] / dist.get_world_size(), totals[1].sqrt())
+
+    def update(self, stats: StepStats) -> None:
+        """Clip (when asked), optimizer step, zero the gradients, EMA update."""
+        if self.max_grad_norm is not None:
+            scale = (self.max_grad_norm / (stats.grad_norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(self.local_grads(), scale)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update()
+
+
+def make_optimizer(name: str, params: list[torch.Tensor], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW without weight decay: torch's fused kernel on CUDA (foreach on the CPU), or apex FusedAdam."""
+    if name == "apex":
+        from apex.optimizers import FusedAdam
+
+        return FusedAdam(params, lr=lr, weight_decay=0.0, adam_w_mode=True)
+    if device.type == "cuda":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging and sample grids
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ProgressBarHandler(logging.StreamHandler):
+    """Console lines written through tqdm, so they do not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=self.stream)
+
+
+def setup_logging(run_dir: Path, env: DistEnv) -> None:
+    """Rank 0 logs to stdout and run_dir/log.txt; other ranks print warnings and errors only."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = False
+    if env.is_main:
+        formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        handlers = [ProgressBarHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")]
+        logger.setLevel(logging.INFO)
+    else:
+        formatter = logging.Formatter(f"[rank {env.rank}] %(message)s")
+        handlers = [logging.StreamHandler(sys.stderr)]
+        logger.setLevel(logging.WARNING)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+
+
+def close_logging() -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+class MetricWindow:
+    """Sums of the step stats on the device since the last log; read (one sync) every --log-every steps."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def restart_clock_if_empty(self) -> None:
+        """Keep checkpoint and sampling time out of the next window's img/s (when they fall on a log step)."""
+        if self.steps == 0:
+            self.started = time.perf_counter()
+
+    def add(self, stats: StepStats) -> None:
+        self.loss += stats.loss
+        self.grad_norm += stats.grad_norm
+        self.steps += 1
+
+    def read(self) -> dict:
+        loss, grad_norm = torch.stack([self.loss, self.grad_norm]).tolist()
+        seconds = time.perf_counter() - self.started
+        values = {
+            "loss": loss / self.steps,
+            "grad_norm": grad_norm / self.steps,
+            "steps": self.steps,
+            "seconds": seconds,
+        }
+        self.reset()
+        return values
+
+
+@torch.no_grad()
+def sample_grid(
+    ema: ShardedEMA, args: argparse.Namespace, source: DataSource, env: DistEnv, path: Path
+) -> np.ndarray | None:
+    """DDIM-50 samples with CFG from the EMA weights, gathered onto rank 0 into a plain model; a PNG there."""
+    state = ema.full_state_dict(keep=env.is_main)
+    image = None
+    if env.is_main:
+        from dit_fast.pipeline import Pipeline  # the project's one sampling loop
+
+        model = create_model(args.model, image_size=args.image_size, block=args.block, attn="sdpa")
+        load_checked(model, state, source="the EMA weights")
+        del state
+        pipe = Pipeline(model, vae=source.vae, device=env.device, cuda_graph=False)
+        num_classes = model.num_classes
+        labels = list(range(min(num_classes, GRID_CLASSES))) * GRID_SAMPLES_PER_CLASS
+        out = pipe(
+            labels, guidance_scale=args.cfg_scale, num_inference_steps=GRID_SAMPLING_STEPS, sampler="ddim",
+            generator=torch.Generator(env.device).manual_seed(args.global_seed), progress=False,
+            output_type="np" if source.vae is not None else "latent",
+        )  # fmt: skip
+        image = out if source.vae is not None else latent_to_rgb(out).numpy()  # (N, H, W, 3) uint8
+        save_grid(image, path, nrow=min(num_classes, GRID_CLASSES))
+        del pipe, model
+    dist.barrier()
+    return image
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainObjects:
+    """What a run built; handed to TrainHooks.on_finish."""
+
+    env: DistEnv
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: ShardedEMA
+    step: int
+
+
+@dataclass
+class TrainSummary:
+    """How a run ended."""
+
+    run_dir: Path
+    step: int
+    last_checkpoint: Path | None
+    stop_reason: str | None = None
+    last_metrics: dict = field(default_factory=dict)
+
+
+def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to start from (None: from scratch), by the rule in --help."""
+    run_name = args.run_name or f"{args.model.replace('/', '-')}-{args.image_size}px"
+    run_dir = Path(args.results_dir) / run_name
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    if args.resume:
+        return run_dir, Path(args.resume)
+    if args.no_resume and latest is not None:
+        raise UsageError(
+            f"--no-resume, but {run_dir} already has checkpoints (latest {latest.name}); pass another --run-name "
+            f"or --results-dir, or delete {run_dir / 'checkpoints'}"
+        )
+    return run_dir, latest
+
+
+def check_resumable(saved: dict, current: dict, path: Path) -> None:
+    differing = [
+        f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in RESUMED_RUN_KEYS if saved.get(key) != current[key]
+    ]
+    if differing:
+        raise UsageError(
+            f"checkpoint {str(path)!r} belongs to a different run ({'; '.join(differing)}); resume with the same "
+            "settings, or start a new run with --run-name NEW (or --no-resume in a fresh --results-dir)"
+        )
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def set_deterministic() -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def oom_message(args: argparse.Namespace, env: DistEnv) -> str:
+    per_gpu = args.global_batch_size // env.world_size
+    hint = "" if args.grad_ckpt else "--grad-ckpt (activation checkpointing), or "
+    return (
+        f"CUDA out of memory on rank {env.rank} with {per_gpu} images per GPU ({args.model}, {args.image_size}px): use "
+        f"{hint}a smaller per-GPU batch (--global-batch-size {args.global_batch_size // 2}, or more GPUs)"
+    )
+
+
+def train(args: argparse.Namespace, hooks: TrainHooks | None = None) -> TrainSummary:
+    """Run (or resume) training as the arguments say; every rank calls it."""
+    hooks = hooks or TrainHooks()
+    if args.image_size is None:
+        args.image_size = default_image_size(args.model)
+    if args.deterministic:
+        set_deterministic()
+    with distributed() as env:
+        check_args(args, env.world_size)
+        run_dir, resume_from = resolve_run_dir(args)
+        if env.is_main:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        setup_logging(run_dir, env)
+        try:
+            return run_training(args, hooks, env, run_dir, resume_from)
+        except torch.OutOfMemoryError as error:
+            raise TrainingError(oom_message(args, env)) from error
+        finally:
+            close_logging()
+
+
+def run_training(
+    args: argparse.Namespace, hooks: TrainHooks, env: DistEnv, run_dir: Path, resume_from: Path | None
+) -> TrainSummary:
+    seed_everything(args.global_seed * env.world_size + env.rank)
+    on_cuda = env.device.type == "cuda"
+    fused = on_cuda if args.fused is None else args.fused
+    compile_blocks = on_cuda if args.compile is None else args.compile
+    cfg = get_config(args.model, image_size=args.image_size, block=args.block)
+    source = make_data_source(args, cfg.num_classes, env, hooks)
+    identity = {"model": args.model, "image_size": args.image_size, "block": args.block, "data": source.kind,
+                "dataset_size": len(source.dataset), "global_batch_size": args.global_batch_size,
+                "global_seed": args.global_seed}  # fmt: skip
+    if resume_from is not None:
+        check_resumable(read_trainer_state(resume_from), identity, resume_from)
+    model = build_fsdp_model(
+        args.model, env, args.global_seed, image_size=args.image_size, block=args.block, attn=args.attn, fused=fused,
+        grad_ckpt=args.grad_ckpt, compile_blocks=compile_blocks,
+    )  # fmt: skip
+    optimizer = make_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], args.lr, env.device)
+    ema = ShardedEMA(model, args.ema_decay)
+    diffusion = create_diffusion("")  # 1000 linear-schedule steps, learned sigma: DiT's training process
+    step_fn = TrainStep(model, diffusion, optimizer, ema, args.max_grad_norm)
+    step, position = 0, DataPosition()
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, model, optimizer, ema, env)
+        step, position = saved["step"], DataPosition(saved["epoch"], saved["batch_in_epoch"])
+
+    sampler = GlobalBatchSampler(len(source.dataset), args.global_batch_size, env, args.global_seed)
+    loader = DataLoader(
+        source.dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=default_convert,
+        pin_memory=on_cuda, persistent_workers=args.num_workers > 0,
+    )  # fmt: skip
+    total_steps = args.epochs * sampler.batches_per_epoch
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    flops_per_image = train_flops_per_image(cfg)
+    latent_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    logger.info("arguments: %s", json.dumps(vars(args)))
+    logger.info(
+        "%s at %dpx (%s, %.1fM parameters, %.1f GFLOP per training image) on %d x %s; fused %s, compile %s, "
+        "grad-ckpt %s; data: %s (%d items, %d steps per epoch); global batch %d; %s",
+        args.model, args.image_size, args.block, sum(p.numel() for p in model.parameters()) / 1e6,
+        flops_per_image / 1e9, env.world_size, torch.cuda.get_device_name(env.device) if on_cuda else "CPU", fused,
+        compile_blocks, args.grad_ckpt, source.kind, len(source.dataset), sampler.batches_per_epoch,
+        args.global_batch_size, f"resumed from {resume_from} at step {step}" if resume_from else "from scratch",
+    )  # fmt: skip
+    writer = None
+    if args.tensorboard and env.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def trainer_state() -> dict:
+        return dict(identity, epoch=position.epoch, batch_in_epoch=position.batch, world_size=env.world_size,
+                    args=dict(vars(args)), saved_at=time.time())  # fmt: skip
+
+    def save(at_step: int) -> Path:
+        exit_hook = None
+        if hooks.exit_during_checkpoint_at_step == at_step:
+
+            def exit_hook() -> None:  # a kill in the middle of the write
+                os._exit(1)
+
+        path = save_checkpoint(
+            run_dir / "checkpoints", at_step, model, optimizer, ema, trainer_state(), env, args.keep_last, exit_hook
+        )
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    last_checkpoint = resume_from
+    stop_reason = None
+    last_metrics: dict = {}
+    window = MetricWindow(env.device)
+    first_window = True
+    progress = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", dynamic_ncols=True)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(env.device)
+    batches = epoch_batches(loader, sampler, position)
+    try:
+        while step < total_steps:
+            position, (payload, labels) = next(batches)
+            epoch = position.epoch
+            payload = payload.to(env.device, non_blocking=True)
+            labels = labels.to(env.device, non_blocking=True)
+            draws = draw_step_randomness(
+                args.global_seed, step, args.global_batch_size, latent_shape, diffusion.num_timesteps,
+                step_fn.label_dropout, env,
+            )  # fmt: skip
+            x = source.to_latents(payload, draws.flip, draws.eps)  # (n, C, h, w)
+            if hooks.nan_inputs_at_step == step + 1:
+                x = x * float("nan")
+            stats = step_fn.gradients(x, labels, draws.t, draws.noise, draws.drop_label)
+            if not bool(stats.finite()):  # the documented per-step sync; identical on every rank
+                stop_reason = (
+                    f"non-finite loss or gradient norm at step {step + 1} (loss {stats.loss.item()}, grad norm "
+                    f"{stats.grad_norm.item()}); stopped before the optimizer step. The last good checkpoint is "
+                    f"{last_checkpoint or 'none (no checkpoint was written yet)'}"
+                )
+                logger.error(stop_reason)
+                break
+            step_fn.update(stats)
+            step += 1
+            position = next_position(position, sampler.batches_per_epoch)
+            window.add(stats)
+            progress.update(1)
+            if step % args.log_every == 0 or step == total_steps:
+                last_metrics = log_metrics(
+                    window, step, epoch, args, env, flops_per_image, first_window, writer, run_dir
+                )
+                progress.set_postfix(loss=f"{last_metrics['loss']:.4f}")
+                first_window = False
+            if step % args.ckpt_every == 0 or step == total_steps:
+                last_checkpoint = save(step)
+            if args.sample_every and (step % args.sample_every == 0 or step == total_steps):
+                grid_path = run_dir / "samples" / f"{checkpoint_name(step)}.png"
+                grid = sample_grid(ema, args, source, env, grid_path)
+                if env.is_main:
+                    logger.info("wrote EMA sample grid %s", grid_path)
+                    if writer is not None:
+                        writer.add_image("samples", make_grid(grid, nrow=GRID_CLASSES), step, dataformats="HWC")
+            window.restart_clock_if_empty()
+            if hooks.exit_after_step == step:
+                os._exit(1)
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+    if stop_reason is None:
+        logger.info("done: %d steps in %s", step, run_dir)
+    if hooks.on_finish is not None:
+        hooks.on_finish(TrainObjects(env, model, optimizer, ema, step))
+    return TrainSummary(run_dir, step, last_checkpoint, stop_reason, last_metrics)
+
+
+def log_metrics(
+    window: MetricWindow,
+    step: int,
+    epoch: int,
+    args: argparse.Namespace,
+    env: DistEnv,
+    flops_per_image: int,
+    first_window: bool,
+    writer,
+    run_dir: Path,
+) -> dict:
+    """Read the window (one sync), log one line on rank 0 and append it to metrics.jsonl."""
+    values = window.read()
+    images_per_s = values["steps"] * args.global_batch_size / values["seconds"]
+    tflops_per_gpu = images_per_s * flops_per_image / env.world_size / 1e12
+    metrics = {
+        "step": step, "epoch": epoch, "loss": values["loss"], "grad_norm": values["grad_norm"],
+        "img_per_s": images_per_s, "tflops_per_gpu": tflops_per_gpu,
+        "mfu": mfu(tflops_per_gpu, args.peak_tflops),
+        "peak_mem_gib": torch.cuda.max_memory_allocated(env.device) / 2**30 if env.device.type == "cuda" else None,
+    }  # fmt: skip
+    if env.is_main:
+        memory = f"{metrics['peak_mem_gib']:.1f} GiB" if metrics["peak_mem_gib"] is not None else "n/a (CPU)"
+        logger.info(
+            "step %d (epoch %d) loss %.4f grad norm %.3f | %.1f img/s, %.1f TFLOP/s per GPU, MFU %.1f%% of an assumed "
+            "%.0f TFLOP/s peak | peak memory %s%s",
+            step, epoch, metrics["loss"], metrics["grad_norm"], images_per_s, tflops_per_gpu,
+            100 * metrics["mfu"], args.peak_tflops, memory, " (includes compile and warm-up)" if first_window else "",
+        )  # fmt: skip
+        with open(run_dir / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(metrics) + "\n")
+        if writer is not None:
+            for key in ("loss", "grad_norm", "img_per_s", "tflops_per_gpu", "mfu"):
+                writer.add_scalar(f"train/{key}", metrics[key], step)
+    return metrics
+
+
+def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = train(args, hooks)
+    except UsageError as error:
+        parser.error(str(error))
+    except TrainingError as error:
+        raise SystemExit(f"error: {error}") from error
+    if summary.stop_reason:
+        raise SystemExit(f"error: {summary.stop_reason}")
+
+
+if __name__ == "__main__":
+    main()
