@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dit_fast.kernels import gated_residual, gated_residual_ref
-from tests.test_ln_modulate import DTYPES, check_against_reference, interpreter_rounds_bf16_like_the_gpu  # noqa: F401
+from tests.test_ln_modulate import DTYPES, check_against_reference
 
 
 def make_inputs(B: int, T: int, D: int, dtype: torch.dtype, device) -> dict:

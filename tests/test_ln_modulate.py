@@ -7,42 +7,14 @@ the op's torch.empty; on the CPU reuse is up to the allocator. Either way every 
 finite and within the bound, so an element the kernel forgot to write fails the test.
 """
 import itertools
-import os
 
-import numpy as np
 import pytest
 import torch
-import triton.language as tl
 
 from dit_fast.kernels import gated_residual_ln_modulate, gated_residual_ln_modulate_ref, ln_modulate, ln_modulate_ref
 from tests.tolerance import assert_three_way
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@pytest.fixture(autouse=True)
-def interpreter_rounds_bf16_like_the_gpu(monkeypatch):
-    """Under TRITON_INTERPRET=1, make fp32 -> bf16 casts round to nearest even, as the GPU does.
-
-    The interpreter truncates them (triton 3.x `cast_impl`), which puts up to 1 ulp of error on every bf16
-    output: twice what the GPU's cvt.rn.bf16.f32 gives, and enough to fail the three-way bound at random.
-    """
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    from triton.runtime import interpreter
-
-    truncating_cast = interpreter.InterpreterBuilder.cast_impl
-
-    def rounding_cast(self, src, dst_type):
-        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
-            return truncating_cast(self, src, dst_type)
-        data = np.asarray(src.data, dtype=np.float32)
-        bits = data.view(np.uint32)
-        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        rounded = np.where(np.isnan(data), np.uint16(0x7FC0), rounded)
-        return interpreter.TensorHandle(rounded, tl.bfloat16)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", rounding_cast)
 
 
 def _as_tuple(out):
