@@ -2,7 +2,7 @@
 # One GPU session's work, in stages (each well inside the device's 10-minute command limit):
 #   bash bench/gpu_check.sh tests     # GPU test suite (pytest -m gpu) + the CPU suite's kernel tests on CUDA
 #   bash bench/gpu_check.sh kernels   # bench/kernels.py + bench/attention.py
-#   bash bench/gpu_check.sh sweep     # kernel tests on CUDA + bench/kernel_sweep.py (launch configs)
+#   bash bench/gpu_check.sh kernel-tests  # the kernel tests on CUDA and the fast model's GPU tests
 #   bash bench/gpu_check.sh model     # bench/model.py
 #   bash bench/gpu_check.sh sampling  # bench/sampling.py
 #   bash bench/gpu_check.sh train     # bench/train_step.py
@@ -38,18 +38,18 @@ for stage in "$@"; do
     kernels)
       step bench_kernels python3 -m bench.kernels --out "$OUT/kernels.json"
       step bench_attention python3 -m bench.attention --out "$OUT/attention.json" ;;
-    sweep)
+    kernel-tests)
       step kernel_tests_cuda python3 -m pytest -q -p no:cacheprovider --timeout=600 \
         tests/test_ln_modulate.py tests/test_gated_residual.py tests/test_final_layer.py
       step gpu_kernel_tests python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
         tests/gpu/test_kernels_gpu.py tests/gpu/test_fast_model_gpu.py
-      step kernel_sweep timeout 240 python3 -m bench.kernel_sweep --budget-s 110 --out "$OUT/kernel_sweep.json" ;;
+      ;;
     model) step bench_model python3 -m bench.model --out "$OUT/model.json" ;;
     sampling)
       step sampling_tests python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/gpu/test_sampling_gpu.py
       step bench_sampling python3 -m bench.sampling --out "$OUT/sampling.json" ;;
     train) step bench_train python3 -m bench.train_step --out "$OUT/train_step.json" ;;
-    *) echo "unknown stage '$stage'; choose tests, sweep, kernels, model, sampling, train"; exit 2 ;;
+    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train"; exit 2 ;;
   esac
 done
 exit $status

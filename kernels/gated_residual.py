@@ -3,55 +3,28 @@
 gate may be the strided view that `mod.chunk(6, dim=1)` gives (row stride 6*D); kernels index it by
 `row // T`. x and y are (B, T, D); a last dim with stride != 1 or unevenly strided rows costs one copy.
 
-Launch configs, one rule each (no autotuning; `forward_config` / `backward_config`, overridable through
-the launchers' `config` argument, which bench/kernel_sweep.py uses to time alternatives):
-- Forward: tiles of ROWS x BLOCK_D = 16 x 128 (BLOCK_D = min(128, next_power_of_2(D)), ROWS = 2048 // BLOCK_D),
-  num_warps = ROWS * BLOCK_D // 256 = 8, i.e. 8 elements of each tensor per thread (28 registers on sm_90,
-  so 8 programs, 64 warps, per SM). One program per tile, on a 1-D grid with the column block fastest, so that
-  programs running together cover whole rows. D is tiled too, so any D works; 128 divides DiT's widths
-  (384, 768, 1024, 1152), so no lanes idle there.
-- Backward: the same 16 x 128 tiles with num_warps = ROWS * BLOCK_D // 512 = 4 (16 elements per thread),
-  each program owning a chunk of 64 rows of one sample (capped at T) and one column block, and looping over
-  its tiles with a NUM_STAGES = 3 software pipeline (`tl.range(..., num_stages)`: Triton issues the loads
-  of the next tiles as cp.async into shared memory while the current one is processed). At D = 1152 on sm_90:
-  71 registers, 17 KB shared memory, 7 programs per SM. Stages are cut so that the tiles in flight fit
-  PIPELINE_BYTES of shared memory.
+Block sizes, one rule: tiles of ROWS x BLOCK_D = 16 x 128 elements (BLOCK_D = min(128, next_power_of_2(D)),
+ROWS = 2048 // BLOCK_D), num_warps = ROWS * BLOCK_D // 256 = 8, i.e. 8 elements per thread. D is tiled too,
+so any D works; 128 divides DiT's widths (384, 768, 1024, 1152), so no lanes idle there.
 
 The sum is computed in fp32 (fp64 for fp64 inputs) and rounded once. Backward: dx = grad, dy = grad * gate,
-and dgate = sum over T of grad * y, written as fp32 per-chunk partial sums (B, n_chunks, D) by the programs
-above, then finished by a torch `.sum(1)`: no atomics, bit-identical run to run. With 64-row chunks the
-partials add 2 x 4 / (64 x 6), about 2%, to the backward's bytes.
+and dgate = sum over T of grad * y, written as fp32 per-chunk partial sums (B, n_chunks, D) by programs that
+each own a chunk of one sample's rows and a block of columns, then finished by a torch `.sum(1)`: no
+atomics, bit-identical run to run.
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
+MAX_BLOCK_D = 128
+TILE_ELEMENTS = 2048  # elements of one (ROWS, BLOCK_D) tile
+BACKWARD_PROGRAMS = 1024  # about this many backward programs, enough to fill an H100/H200 a few times over
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Default launch configs (the rule in the module docstring).
-FWD_TILE_ELEMENTS, FWD_ELEMENTS_PER_THREAD = 2048, 8
-BWD_TILE_ELEMENTS, BWD_ELEMENTS_PER_THREAD, BWD_CHUNK, BWD_STAGES = 2048, 16, 64, 3
-MAX_BLOCK_D = 128  # default column block
-PIPELINE_BYTES = 100_000  # shared memory for the backward's tiles in flight of one program, at most
 
 
-class LaunchConfig(NamedTuple):
-    """One launch's block shape: `rows` x `block_d` tiles (powers of two), `num_warps`; backward only:
-    `rows_per_chunk` (rows of one sample per program, rounded up to whole tiles) and `num_stages` (depth of
-    its loop's software pipeline: tiles whose loads are in flight at once)."""
-
-    rows: int
-    block_d: int
-    num_warps: int
-    rows_per_chunk: int = 0
-    num_stages: int = 1
-
-
-# Sizes that vary with B and T are not specialised on (divisibility), so one compiled variant serves all.
-@triton.jit(do_not_specialize=["M", "T", "n_column_blocks"])
+@triton.jit
 def _gated_residual_fwd_kernel(
     X_ptr,  # (M, D) row stride stride_x
     Y_ptr,  # (M, D) row stride stride_y
@@ -60,7 +33,6 @@ def _gated_residual_fwd_kernel(
     M,
     D,
     T,
-    n_column_blocks,
     stride_x,
     stride_y,
     stride_gate,
@@ -68,11 +40,8 @@ def _gated_residual_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     compute = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
-    # Column block fastest, so that programs running together cover whole rows.
-    pid = tl.program_id(0)
-    row_block = pid // n_column_blocks
-    rows = row_block.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
-    cols = (pid % n_column_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     mask = (rows < M)[:, None] & (cols < D)[None, :]  # (ROWS, BLOCK_D)
     sample = rows // T  # (ROWS,) which sample's gate each row uses
     x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(compute)
@@ -82,8 +51,7 @@ def _gated_residual_fwd_kernel(
     tl.store(OUT_ptr + rows[:, None] * D + cols[None, :], out.to(OUT_ptr.dtype.element_ty), mask=mask)
 
 
-# Sizes that vary with B and T are not specialised on (divisibility), so one compiled variant serves all.
-@triton.jit(do_not_specialize=["T", "n_chunks", "n_column_blocks", "rows_per_chunk"])
+@triton.jit
 def _gated_residual_bwd_kernel(
     DOUT_ptr,  # (M, D) grad of the output, row stride stride_dout
     Y_ptr,  # (M, D) row stride stride_y
@@ -92,32 +60,25 @@ def _gated_residual_bwd_kernel(
     DGATE_PART_ptr,  # (B, n_chunks, D) contiguous partial sums over a chunk's rows
     D,
     T,
-    n_chunks,
-    n_column_blocks,
     rows_per_chunk,
     stride_dout,
     stride_y,
     stride_gate,
-    ROWS: tl.constexpr,  # rows per loop iteration
+    ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_STAGES: tl.constexpr,  # loads of this many tiles in flight (cp.async into shared memory on the GPU)
 ):
     compute = tl.float64 if Y_ptr.dtype.element_ty == tl.float64 else tl.float32
-    # One program per (sample, chunk of its rows, column block), column block then chunk fastest: programs
-    # running together cover whole rows and neighbouring chunks.
-    pid = tl.program_id(0)
-    column_block = pid % n_column_blocks
-    sample_chunk = pid // n_column_blocks  # = sample * n_chunks + chunk
-    sample = (sample_chunk // n_chunks).to(tl.int64)
-    chunk = sample_chunk % n_chunks
+    sample = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
     first_row = sample * T + chunk * rows_per_chunk  # int64
     n_rows = tl.minimum(rows_per_chunk, T - chunk * rows_per_chunk)  # rows of this sample in this chunk
-    cols = column_block * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     col_ok = cols < D
 
     gate = tl.load(GATE_ptr + sample * stride_gate + cols, mask=col_ok, other=0.0).to(compute)  # (BLOCK_D,)
     dgate_acc = tl.zeros([BLOCK_D], dtype=compute)
-    for tile_start in tl.range(0, n_rows, ROWS, num_stages=NUM_STAGES):
+    for tile_start in range(0, n_rows, ROWS):
         local = tile_start + tl.arange(0, ROWS)  # (ROWS,)
         rows = first_row + local  # (ROWS,) int64
         mask = (local < n_rows)[:, None] & col_ok[None, :]  # (ROWS, BLOCK_D)
@@ -126,7 +87,7 @@ def _gated_residual_bwd_kernel(
         dy = dout * gate[None, :]
         tl.store(DY_ptr + rows[:, None] * D + cols[None, :], dy.to(DY_ptr.dtype.element_ty), mask=mask)
         dgate_acc += tl.sum(dout * y, axis=0)
-    part_offsets = sample_chunk.to(tl.int64) * D + cols  # (BLOCK_D,): row (sample, chunk) of the partials
+    part_offsets = (sample * n_chunks + chunk) * D + cols  # (BLOCK_D,)
     tl.store(DGATE_PART_ptr + part_offsets, dgate_acc.to(DGATE_PART_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -135,21 +96,11 @@ def _gated_residual_bwd_kernel(
 RUNS_IN_INTERPRETER = isinstance(_gated_residual_fwd_kernel, InterpretedFunction)
 
 
-def _default_config(D: int, tile_elements: int, elements_per_thread: int, rows_per_chunk: int, stages: int):
+def _block_sizes(D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) for rows of width D, by the rule in the module docstring."""
     block_d = min(MAX_BLOCK_D, triton.next_power_of_2(D))
-    rows = max(1, tile_elements // block_d)
-    num_warps = min(16, max(1, rows * block_d // (32 * elements_per_thread)))
-    return LaunchConfig(rows, block_d, num_warps, max(rows, rows_per_chunk) if rows_per_chunk else 0, stages)
-
-
-def forward_config(M: int, D: int) -> LaunchConfig:
-    """The forward's default launch config for M rows of width D (rule in the module docstring)."""
-    return _default_config(D, FWD_TILE_ELEMENTS, FWD_ELEMENTS_PER_THREAD, 0, 1)
-
-
-def backward_config(M: int, D: int) -> LaunchConfig:
-    """The backward's default launch config for M rows of width D (rule in the module docstring)."""
-    return _default_config(D, BWD_TILE_ELEMENTS, BWD_ELEMENTS_PER_THREAD, BWD_CHUNK, BWD_STAGES)
+    rows = TILE_ELEMENTS // block_d
+    return block_d, rows, rows * block_d // 256
 
 
 def _as_rows(t: torch.Tensor, D: int) -> torch.Tensor:
@@ -177,56 +128,22 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {tensor.device}; expected x's device {x.device}")
 
 
-def _forward(x, y, gate, config: LaunchConfig | None = None):
-    """Launch the forward kernel; config overrides the default launch config (`forward_config`)."""
-    B, T, D = x.shape
-    M = B * T
-    rows, block_d, num_warps, _, _ = config or forward_config(M, D)
-    n_column_blocks = triton.cdiv(D, block_d)
-    x2, y2 = _as_rows(x, D), _as_rows(y, D)  # (M, D)
-    gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)
-    out = torch.empty((B, T, D), dtype=x.dtype, device=x.device)  # (B, T, D)
-    kernel = _gated_residual_fwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_gated_residual_fwd_kernel)
-    kernel[(triton.cdiv(M, rows) * n_column_blocks,)](
-        x2, y2, gate, out, M, D, T, n_column_blocks, x2.stride(0), y2.stride(0), gate.stride(0),
-        ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
-    )  # fmt: skip
-    return out
-
-
-def _backward(grad_out, y, gate, config: LaunchConfig | None = None):
-    """Launch the backward kernel and finish dgate; config overrides the default (`backward_config`).
-    Returns (dy, dgate)."""
-    B, T, D = y.shape
-    M = B * T
-    rows, block_d, num_warps, rows_per_chunk, stages = config or backward_config(M, D)
-    n_column_blocks = triton.cdiv(D, block_d)
-    rows_per_chunk = min(max(rows_per_chunk, 1), triton.next_power_of_2(T))
-    rows = min(rows, rows_per_chunk)
-    rows_per_chunk = triton.cdiv(rows_per_chunk, rows) * rows  # whole tiles
-    n_chunks = triton.cdiv(T, rows_per_chunk)
-    stages = max(1, stages)
-    while stages > 1 and (stages - 1) * rows * block_d * y.element_size() * 2 > PIPELINE_BYTES:  # grad_out, y
-        stages -= 1
-    grad_out2, y2 = _as_rows(grad_out, D), _as_rows(y, D)  # (M, D)
-    gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)
-    dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)  # (B, T, D)
-    part_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-    dgate_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=y.device)  # (B, n_chunks, D)
-    kernel = _gated_residual_bwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_gated_residual_bwd_kernel)
-    kernel[(B * n_chunks * n_column_blocks,)](
-        grad_out2, y2, gate, dy, dgate_part, D, T, n_chunks, n_column_blocks, rows_per_chunk,
-        grad_out2.stride(0), y2.stride(0), gate.stride(0),
-        ROWS=rows, BLOCK_D=block_d, NUM_STAGES=stages, num_warps=num_warps,
-    )  # fmt: skip
-    return dy, dgate_part.sum(1).to(y.dtype)
-
-
 @triton_op("dit_fast::gated_residual", mutates_args=())
 def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + gate * y for x, y (B, T, D) and gate (B, D)."""
     _check_inputs(x, y, gate)
-    return _forward(x, y, gate)
+    B, T, D = x.shape
+    M = B * T
+    block_d, rows, num_warps = _block_sizes(D)
+    x2, y2 = _as_rows(x, D), _as_rows(y, D)  # (M, D)
+    gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)
+    out = torch.empty((B, T, D), dtype=x.dtype, device=x.device)  # (B, T, D)
+    kernel = _gated_residual_fwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_gated_residual_fwd_kernel)
+    kernel[(triton.cdiv(M, rows), triton.cdiv(D, block_d))](
+        x2, y2, gate, out, M, D, T, x2.stride(0), y2.stride(0), gate.stride(0),
+        ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return out
 
 
 @triton_op("dit_fast::gated_residual_backward", mutates_args=())
@@ -234,7 +151,24 @@ def _gated_residual_backward_op(
     grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy, dgate) of gated_residual; dx is grad_out itself."""
-    return _backward(grad_out, y, gate)
+    B, T, D = y.shape
+    M = B * T
+    block_d, rows, num_warps = _block_sizes(D)
+    n_column_blocks = triton.cdiv(D, block_d)
+    # About BACKWARD_PROGRAMS programs in all, a power of two of rows each.
+    rows_per_chunk = max(rows, min(1024, triton.next_power_of_2(triton.cdiv(M * n_column_blocks, BACKWARD_PROGRAMS))))
+    n_chunks = triton.cdiv(T, rows_per_chunk)
+    grad_out2, y2 = _as_rows(grad_out, D), _as_rows(y, D)  # (M, D)
+    gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)
+    dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)  # (B, T, D)
+    part_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    dgate_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=y.device)  # (B, n_chunks, D)
+    kernel = _gated_residual_bwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_gated_residual_bwd_kernel)
+    kernel[(B, n_chunks, n_column_blocks)](
+        grad_out2, y2, gate, dy, dgate_part, D, T, rows_per_chunk, grad_out2.stride(0), y2.stride(0), gate.stride(0),
+        ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return dy, dgate_part.sum(1).to(y.dtype)
 
 
 def _gated_residual_setup_context(ctx, inputs, output):

@@ -5,47 +5,21 @@ Two public ops share one forward and one backward kernel, switched by the `HAS_R
   gated_residual_ln_modulate(x, y, gate, shift, scale) -> (x_new, h): x_new = x + gate * y, h = ln_modulate(x_new)
 The second fuses the residual update of one DiT sub-block with the norm of the next one, one pass over the rows.
 
-shift, scale and gate are per sample, (B, D), broadcast over the T tokens; kernels index them by the
-rows' sample (row // T; each program's rows lie in one sample, `sample = pid // n_chunks`). They may be
-the strided views that `mod.chunk(6, dim=1)` gives (row stride 6*D): only their last dim must be
-contiguous, otherwise they are copied (B*D elements, cheap). x and y are (B, T, D); a last dim with
+shift, scale and gate are per sample, (B, D), broadcast over the T tokens; kernels index them by `row // T`.
+They may be the strided views that `mod.chunk(6, dim=1)` gives (row stride 6*D): only their last dim must
+be contiguous, otherwise they are copied (B*D elements, cheap). x and y are (B, T, D); a last dim with
 stride != 1 or rows that are not evenly strided costs one copy (`contiguous`).
 
-Programs and tiles (same structure forward and backward): each program owns a chunk of `rows_per_chunk`
-rows of ONE sample (so shift/scale/gate are loaded once per program, as (BLOCK_D,) vectors) and loops over
-it in (ROWS, BLOCK_D) tiles. The 1-D grid runs chunks fastest, so programs running together touch
-neighbouring rows. The loop is `tl.range(..., num_stages=NUM_STAGES)`: Triton software-pipelines it, issuing
-the loads of the next NUM_STAGES - 1 tiles as cp.async into shared memory while the current tile is
-reduced, so the bytes in flight per SM no longer depend on registers (the old kernels, one row per program
-or per iteration, were latency bound at 20-45% of copy bandwidth).
-
-Launch configs, one rule each (no autotuning): `forward_config(M, D)` / `backward_config(M, D)`, overridable
-through the launchers' `config` argument (bench/kernel_sweep.py times alternatives that way).
-- BLOCK_D = next_power_of_2(D), at most MAX_BLOCK_D = 8192 (D > 8192 is a ValueError).
-- Forward: ROWS = max(1, 4096 // BLOCK_D), num_warps = ROWS * BLOCK_D // 512 within [4, 16] (16 elements
-  of each tile tensor per thread), NUM_STAGES = 3, rows_per_chunk = next_power_of_2(M / 1024) (about 1024
-  programs) within [ROWS, 256]. At D = 1152 (BLOCK_D = 2048): ROWS = 2, 8 warps, 63 / 79 registers
-  (ln / gated), no spills, 16 / 33 KB shared memory on sm_90: 4 / 3 programs and 16 / 12 rows' loads in
-  flight per SM (4 / 3 rows if Triton did not build the pipeline).
-- Backward: ROWS = max(1, 2048 // BLOCK_D), num_warps = ROWS * BLOCK_D // 256 within [4, 16] (8 per thread),
-  NUM_STAGES = 4, rows_per_chunk = next_power_of_2(M / 512) within [ROWS, 256]: fewer, longer chunks than the
-  forward, since each chunk writes (B, n_chunks, D) fp32 partials (4% extra bytes at 64-row chunks).
-  At D = 1152: ROWS = 1, 8 warps, 64 / 128 registers (ln / gated), no spills, 25 / 49 KB shared memory:
-  4 / 2 programs and 12 / 6 rows' loads in flight per SM. Why one row per iteration: the backward's
-  registers grow ~35 per row of a tile at 8 warps (xhat, dh, dxhat live together); ROWS = 2 takes the
-  gated backward to 140 registers, 1 program per SM.
-- Both: NUM_STAGES is cut so that (NUM_STAGES - 1) tiles of the pipelined inputs fit PIPELINE_BYTES of
-  shared memory (fp32/fp64 or wide D), tiles are capped at next_power_of_2(T) rows and chunks at T.
-Masked lanes: at D = 1152 only 1152 of 2048 lanes are active; a split into 1024 + 128 column parts was
-tried and rejected (Triton unified the two parts' layouts, converting the big tile through shared memory).
+Block sizes, one rule: BLOCK_D = next_power_of_2(D), at most MAX_BLOCK_D = 8192 (D > 8192 is a ValueError);
+a tile is ROWS = max(1, 2048 // BLOCK_D) rows by BLOCK_D, and num_warps = min(16, ROWS * BLOCK_D // 256),
+i.e. 8 elements per thread (8 warps up to BLOCK_D = 2048, 16 warps at 4096, 16 elements per thread at 8192).
+At D = 1152 this keeps the sm_90 backward at <= 128 registers without spills (2 programs per SM).
 
 Math is fp32 (fp64 when the inputs are fp64, so that gradcheck can run); mean and rstd are saved as fp32
 (B*T,) for the backward, which recomputes xhat instead of saving it. The backward writes dshift, dscale
-and dgate as fp32 per-chunk partial sums (B, n_chunks, D); a torch `.sum(1)` finishes them. No atomics,
-so gradients are bit-identical run to run.
+and dgate as fp32 per-chunk partial sums (B, n_chunks, D), each program owning a chunk of one sample's
+rows; a torch `.sum(1)` finishes them. No atomics, so gradients are bit-identical run to run.
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -53,27 +27,12 @@ from torch.library import triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
 MAX_BLOCK_D = 8192
+TILE_ELEMENTS = 2048  # elements of one (ROWS, BLOCK_D) tile, at least
+BACKWARD_PROGRAMS = 1024  # about this many backward programs, enough to fill an H100/H200 a few times over
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Default launch configs (the rule in the module docstring).
-FWD_TILE_ELEMENTS, FWD_ELEMENTS_PER_THREAD, FWD_PROGRAMS, FWD_STAGES = 4096, 16, 1024, 3
-BWD_TILE_ELEMENTS, BWD_ELEMENTS_PER_THREAD, BWD_PROGRAMS, BWD_STAGES = 2048, 8, 512, 4
-MAX_CHUNK = 256  # rows per chunk, at most
-PIPELINE_BYTES = 100_000  # shared memory for the tiles in flight of one program, at most
 
 
-class LaunchConfig(NamedTuple):
-    """One launch's block shape, the same fields for both kernels: `rows` (ROWS, rows per loop iteration, a
-    power of two), `num_warps`, `rows_per_chunk` (rows of one sample per program, rounded up to whole tiles)
-    and `num_stages` (depth of the loop's software pipeline: tiles whose loads are in flight at once)."""
-
-    rows: int
-    num_warps: int
-    rows_per_chunk: int
-    num_stages: int
-
-
-# Sizes that vary with B and T are not specialised on (divisibility), so one compiled variant serves all.
-@triton.jit(do_not_specialize=["T", "n_chunks", "rows_per_chunk"])
+@triton.jit
 def _ln_modulate_fwd_kernel(
     X_ptr,  # (M, D) x, row stride stride_x
     Y_ptr,  # (M, D) branch output added with the gate; read only when HAS_RESIDUAL
@@ -84,10 +43,9 @@ def _ln_modulate_fwd_kernel(
     H_ptr,  # (M, D) contiguous, the modulated norm
     MEAN_ptr,  # (M,) fp32 (fp64 for fp64 inputs)
     RSTD_ptr,  # (M,) same dtype as MEAN
+    M,
     D,
     T,
-    n_chunks,
-    rows_per_chunk,
     stride_x,
     stride_y,
     stride_gate,
@@ -95,48 +53,36 @@ def _ln_modulate_fwd_kernel(
     stride_scale,
     eps,
     HAS_RESIDUAL: tl.constexpr,
-    ROWS: tl.constexpr,  # rows per loop iteration
+    ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_STAGES: tl.constexpr,  # loads of this many tiles in flight (cp.async into shared memory on the GPU)
 ):
     compute = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
-    # One program per (sample, chunk of its rows), chunk fastest: programs running together touch neighbouring rows.
-    pid = tl.program_id(0)
-    sample = (pid // n_chunks).to(tl.int64)
-    chunk = pid % n_chunks
-    first_row = sample * T + chunk * rows_per_chunk  # int64
-    n_rows = tl.minimum(rows_per_chunk, T - chunk * rows_per_chunk)  # rows of this sample in this chunk
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
     cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    col_ok = cols < D
-    # This sample's modulation, loaded once: (BLOCK_D,) each.
-    shift = tl.load(SHIFT_ptr + sample * stride_shift + cols, mask=col_ok, other=0.0).to(compute)
-    gain = 1.0 + tl.load(SCALE_ptr + sample * stride_scale + cols, mask=col_ok, other=0.0).to(compute)
+    mask = (rows < M)[:, None] & (cols < D)[None, :]  # (ROWS, BLOCK_D)
+    sample = rows // T  # (ROWS,) which sample's shift/scale/gate each row uses
+    out_offsets = rows[:, None] * D + cols[None, :]  # (ROWS, BLOCK_D) into the contiguous outputs
+
+    x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(compute)
     if HAS_RESIDUAL:
-        gate = tl.load(GATE_ptr + sample * stride_gate + cols, mask=col_ok, other=0.0).to(compute)
+        y = tl.load(Y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(compute)
+        gate = tl.load(GATE_ptr + sample[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(compute)
+        x_new = (x + gate * y).to(X_NEW_ptr.dtype.element_ty)
+        tl.store(X_NEW_ptr + out_offsets, x_new, mask=mask)
+        x = x_new.to(compute)  # normalise the stored (rounded) x_new, the tensor the backward sees
 
-    for tile_start in tl.range(0, n_rows, ROWS, num_stages=NUM_STAGES):
-        local = tile_start + tl.arange(0, ROWS)  # (ROWS,)
-        row_ok = local < n_rows
-        rows = first_row + local  # (ROWS,) int64
-        mask = row_ok[:, None] & col_ok[None, :]  # (ROWS, BLOCK_D)
-        out_offsets = rows[:, None] * D + cols[None, :]  # (ROWS, BLOCK_D) into the contiguous outputs
-        x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(compute)
-        if HAS_RESIDUAL:
-            y = tl.load(Y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(compute)
-            x_new = (x + gate[None, :] * y).to(X_NEW_ptr.dtype.element_ty)
-            tl.store(X_NEW_ptr + out_offsets, x_new, mask=mask)
-            x = x_new.to(compute)  # normalise the stored (rounded) x_new, the tensor the backward sees
-        mean = tl.sum(x, axis=1) / D  # (ROWS,)
-        centered = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)  # (ROWS,)
-        h = centered * rstd[:, None] * gain[None, :] + shift[None, :]
-        tl.store(H_ptr + out_offsets, h.to(H_ptr.dtype.element_ty), mask=mask)
-        tl.store(MEAN_ptr + rows, mean.to(MEAN_ptr.dtype.element_ty), mask=row_ok)
-        tl.store(RSTD_ptr + rows, rstd.to(RSTD_ptr.dtype.element_ty), mask=row_ok)
+    mean = tl.sum(x, axis=1) / D  # (ROWS,)
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)  # (ROWS,)
+    shift = tl.load(SHIFT_ptr + sample[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(compute)
+    scale = tl.load(SCALE_ptr + sample[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(compute)
+    h = centered * rstd[:, None] * (1.0 + scale) + shift
+    tl.store(H_ptr + out_offsets, h.to(H_ptr.dtype.element_ty), mask=mask)
+    tl.store(MEAN_ptr + rows, mean.to(MEAN_ptr.dtype.element_ty), mask=rows < M)
+    tl.store(RSTD_ptr + rows, rstd.to(RSTD_ptr.dtype.element_ty), mask=rows < M)
 
 
-# Sizes that vary with B and T are not specialised on (divisibility), so one compiled variant serves all.
-@triton.jit(do_not_specialize=["T", "n_chunks", "rows_per_chunk"])
+@triton.jit
 def _ln_modulate_bwd_kernel(
     DH_ptr,  # (M, D) grad of h, row stride stride_dh
     DX_NEW_ptr,  # (M, D) grad of x_new, row stride stride_dx_new; read only when HAS_RESIDUAL
@@ -153,7 +99,6 @@ def _ln_modulate_bwd_kernel(
     DGATE_PART_ptr,  # (B, n_chunks, D); written only when HAS_RESIDUAL
     D,
     T,
-    n_chunks,
     rows_per_chunk,
     stride_dh,
     stride_dx_new,
@@ -162,15 +107,13 @@ def _ln_modulate_bwd_kernel(
     stride_gate,
     stride_scale,
     HAS_RESIDUAL: tl.constexpr,
-    ROWS: tl.constexpr,  # rows per loop iteration
+    ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_STAGES: tl.constexpr,  # loads of this many tiles in flight (cp.async into shared memory on the GPU)
 ):
     compute = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
-    # One program per (sample, chunk of its rows), chunk fastest: programs running together touch neighbouring rows.
-    pid = tl.program_id(0)
-    sample = (pid // n_chunks).to(tl.int64)
-    chunk = pid % n_chunks
+    sample = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
     first_row = sample * T + chunk * rows_per_chunk  # int64
     n_rows = tl.minimum(rows_per_chunk, T - chunk * rows_per_chunk)  # rows of this sample in this chunk
     cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
@@ -183,7 +126,7 @@ def _ln_modulate_bwd_kernel(
         gate = tl.load(GATE_ptr + sample * stride_gate + cols, mask=col_ok, other=0.0).to(compute)  # (BLOCK_D,)
         dgate_acc = tl.zeros([BLOCK_D], dtype=compute)
 
-    for tile_start in tl.range(0, n_rows, ROWS, num_stages=NUM_STAGES):
+    for tile_start in range(0, n_rows, ROWS):
         local = tile_start + tl.arange(0, ROWS)  # (ROWS,)
         row_ok = local < n_rows
         rows = first_row + local  # (ROWS,) int64
@@ -210,7 +153,7 @@ def _ln_modulate_bwd_kernel(
             dgate_acc += tl.sum(dx * y, axis=0)
         tl.store(DX_ptr + out_offsets, dx.to(DX_ptr.dtype.element_ty), mask=mask)
 
-    part_offsets = pid.to(tl.int64) * D + cols  # (BLOCK_D,): row (sample, chunk) of the (B, n_chunks, D) partials
+    part_offsets = (sample * n_chunks + chunk) * D + cols  # (BLOCK_D,)
     tl.store(DSHIFT_PART_ptr + part_offsets, dshift_acc.to(DSHIFT_PART_ptr.dtype.element_ty), mask=col_ok)
     tl.store(DSCALE_PART_ptr + part_offsets, dscale_acc.to(DSCALE_PART_ptr.dtype.element_ty), mask=col_ok)
     if HAS_RESIDUAL:
@@ -222,44 +165,18 @@ def _ln_modulate_bwd_kernel(
 RUNS_IN_INTERPRETER = isinstance(_ln_modulate_fwd_kernel, InterpretedFunction)
 
 
-def _block_d(D: int) -> int:
+def _block_sizes(D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) for rows of width D, by the rule in the module docstring."""
     block_d = triton.next_power_of_2(D)
     if block_d > MAX_BLOCK_D:
         raise ValueError(f"ln_modulate supports D <= {MAX_BLOCK_D} (one row per register tile); got D={D}")
-    return block_d
+    rows = max(1, TILE_ELEMENTS // block_d)
+    return block_d, rows, min(16, rows * block_d // 256)
 
 
-def _default_config(M: int, D: int, tile_elements: int, elements_per_thread: int, programs: int, stages: int):
-    """The rule of the module docstring: (ROWS, BLOCK_D) tiles of about tile_elements, num_warps for about
-    elements_per_thread of each tile tensor per thread, and about `programs` programs."""
-    block_d = _block_d(D)
-    rows = max(1, tile_elements // block_d)
-    num_warps = min(16, max(4, triton.next_power_of_2(rows * block_d // (32 * elements_per_thread))))
-    rows_per_chunk = max(rows, min(MAX_CHUNK, triton.next_power_of_2(triton.cdiv(M, programs))))
-    return LaunchConfig(rows, num_warps, rows_per_chunk, stages)
-
-
-def forward_config(M: int, D: int) -> LaunchConfig:
-    """The forward's default launch config for M rows of width D."""
-    return _default_config(M, D, FWD_TILE_ELEMENTS, FWD_ELEMENTS_PER_THREAD, FWD_PROGRAMS, FWD_STAGES)
-
-
-def backward_config(M: int, D: int) -> LaunchConfig:
-    """The backward's default launch config for M rows of width D."""
-    return _default_config(M, D, BWD_TILE_ELEMENTS, BWD_ELEMENTS_PER_THREAD, BWD_PROGRAMS, BWD_STAGES)
-
-
-def _chunking(T: int, config: LaunchConfig, tile_bytes_per_row: int) -> tuple[int, int, int, int]:
-    """(rows, rows_per_chunk, n_chunks, num_stages) of a config applied to samples of T rows: tiles of at most
-    next_power_of_2(T) rows, whole tiles per chunk, and the pipeline depth cut so that the tiles in flight
-    ((num_stages - 1) * rows * tile_bytes_per_row of shared memory) stay within PIPELINE_BYTES."""
-    rows_per_chunk = min(config.rows_per_chunk, triton.next_power_of_2(T))
-    rows = min(config.rows, rows_per_chunk)
-    rows_per_chunk = triton.cdiv(rows_per_chunk, rows) * rows
-    stages = max(1, config.num_stages)
-    while stages > 1 and (stages - 1) * rows * tile_bytes_per_row > PIPELINE_BYTES:
-        stages -= 1
-    return rows, rows_per_chunk, triton.cdiv(T, rows_per_chunk), stages
+def _rows_per_chunk(M: int, rows_per_tile: int) -> int:
+    """Rows of one sample reduced by one backward program: about M / BACKWARD_PROGRAMS, a power of two."""
+    return max(rows_per_tile, min(256, triton.next_power_of_2(triton.cdiv(M, BACKWARD_PROGRAMS))))
 
 
 def _as_rows(t: torch.Tensor, D: int) -> torch.Tensor:
@@ -293,18 +210,11 @@ def _per_sample(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _forward(x, y, gate, shift, scale, eps, config: LaunchConfig | None = None):
-    """Launch the forward kernel; y and gate are None for plain ln_modulate. Returns (x_new, h, mean, rstd).
-
-    config overrides the default launch config (`forward_config`); its rows are capped at T.
-    """
+def _forward(x, y, gate, shift, scale, eps):
+    """Launch the forward kernel; y and gate are None for plain ln_modulate. Returns (x_new, h, mean, rstd)."""
     B, T, D = x.shape
     M = B * T
-    block_d = _block_d(D)
-    config = config or forward_config(M, D)
-    # Pipelined loads per row: x (and y).
-    row_bytes = block_d * x.element_size() * (2 if y is not None else 1)
-    rows, rows_per_chunk, n_chunks, stages = _chunking(T, config, row_bytes)
+    block_d, rows, num_warps = _block_sizes(D)
     has_residual = y is not None
     # Without the residual, the residual-only pointer slots get some existing tensor the kernel never touches.
     x2 = _as_rows(x, D)  # (M, D)
@@ -317,30 +227,26 @@ def _forward(x, y, gate, shift, scale, eps, config: LaunchConfig | None = None):
     mean = torch.empty((M,), dtype=stats_dtype, device=x.device)  # (M,)
     rstd = torch.empty((M,), dtype=stats_dtype, device=x.device)  # (M,)
     kernel = _ln_modulate_fwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_ln_modulate_fwd_kernel)
-    kernel[(B * n_chunks,)](
+    kernel[(triton.cdiv(M, rows),)](
         x2, y2, gate, shift, scale, x_new, h, mean, rstd,
-        D, T, n_chunks, rows_per_chunk,
+        M, D, T,
         x2.stride(0), y2.stride(0), gate.stride(0), shift.stride(0), scale.stride(0),
         eps,
-        HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK_D=block_d, NUM_STAGES=stages,
-        num_warps=config.num_warps,
+        HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     return x_new, h, mean, rstd
 
 
-def _backward(grad_h, grad_x_new, x, y, gate, scale, mean, rstd, config: LaunchConfig | None = None):
+def _backward(grad_h, grad_x_new, x, y, gate, scale, mean, rstd):
     """Launch the backward kernel and finish the per-sample sums; residual-only arguments are None otherwise.
 
-    config overrides the default launch config (`backward_config`). Returns (dx, dy, dgate, dshift, dscale),
-    with dy and dgate None without the residual.
+    Returns (dx, dy, dgate, dshift, dscale), with dy and dgate None without the residual.
     """
     B, T, D = x.shape
     M = B * T
-    block_d = _block_d(D)
-    config = config or backward_config(M, D)
-    # Pipelined loads per row: x, grad_h (and grad_x_new, y).
-    row_bytes = block_d * x.element_size() * (4 if y is not None else 2)
-    rows, rows_per_chunk, n_chunks, stages = _chunking(T, config, row_bytes)
+    block_d, rows, num_warps = _block_sizes(D)
+    rows_per_chunk = _rows_per_chunk(M, rows)
+    n_chunks = triton.cdiv(T, rows_per_chunk)
     has_residual = y is not None
     # Without the residual, the residual-only pointer slots get some existing tensor the kernel never touches.
     grad_h2, x2 = _as_rows(grad_h, D), _as_rows(x, D)  # (M, D)
@@ -355,13 +261,12 @@ def _backward(grad_h, grad_x_new, x, y, gate, scale, mean, rstd, config: LaunchC
     dscale_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device)  # (B, n_chunks, D)
     dgate_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device) if has_residual else dshift_part
     kernel = _ln_modulate_bwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_ln_modulate_bwd_kernel)
-    kernel[(B * n_chunks,)](
+    kernel[(B, n_chunks)](
         grad_h2, grad_x_new2, x2, y2, gate, scale, mean, rstd,
         dx, dy, dshift_part, dscale_part, dgate_part,
-        D, T, n_chunks, rows_per_chunk,
+        D, T, rows_per_chunk,
         grad_h2.stride(0), grad_x_new2.stride(0), x2.stride(0), y2.stride(0), gate.stride(0), scale.stride(0),
-        HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK_D=block_d, NUM_STAGES=stages,
-        num_warps=config.num_warps,
+        HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     dshift = dshift_part.sum(1).to(x.dtype)  # (B, D)
     dscale = dscale_part.sum(1).to(x.dtype)  # (B, D)
