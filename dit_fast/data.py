@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dit_fast.images import to_uint8
+
 MAX_CLASSES = 1000
 LATENT_DOWNSAMPLE = 8
 LATENT_CHANNELS = 4
@@ -184,17 +186,12 @@ def image_to_latent(images: torch.Tensor) -> torch.Tensor:
     return torch.cat([rgb, edges], dim=1)
 
 
-def image_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, ready for PIL."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def latent_to_rgb(latents: torch.Tensor, upsample: int = LATENT_DOWNSAMPLE) -> torch.Tensor:
+def latent_to_rgb(latents: torch.Tensor, upsample: int = LATENT_DOWNSAMPLE) -> np.ndarray:
     """(N, 4, h, w) latents -> (N, h*upsample, w*upsample, 3) uint8 preview: channels 0-2 back to RGB, no VAE."""
     if latents.dim() != 4 or latents.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"latents must be (N, {LATENT_CHANNELS}, h, w), got shape {tuple(latents.shape)}")
     rgb = latents[:, :3].detach().float().cpu() / RGB_TO_LATENT + RGB_OFFSET  # (N, 3, h, w)
-    return image_to_uint8(rgb.repeat_interleave(upsample, dim=2).repeat_interleave(upsample, dim=3))
+    return to_uint8(rgb.repeat_interleave(upsample, dim=2).repeat_interleave(upsample, dim=3))
 
 
 def class_templates(num_classes: int, image_size: int, latent: bool = True) -> torch.Tensor:

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(4)
     samples = sample_classes(model, labels, seed=args.seed)
     accuracy = class_accuracy(samples, labels, model.cfg.num_classes)
-    path = save_grid(latent_to_rgb(samples).numpy(), os.path.join(args.out, "samples.png"), nrow=8)
+    path = save_grid(latent_to_rgb(samples), os.path.join(args.out, "samples.png"), nrow=8)
     print(f"wrote {path}: {len(labels)} samples, 4 per class in rows of 8; "
           f"{accuracy:.0%} recognised as their class by the nearest template")
 

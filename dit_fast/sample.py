@@ -221,7 +221,7 @@ def sample_images(
     if pipe.vae is not None:
         return pipe(labels, output_type="np", **options), None
     latents = pipe(labels, output_type="latent", **options)  # (N, C, h, w)
-    return latent_to_rgb(latents).numpy(), latents
+    return latent_to_rgb(latents), latents
 
 
 def write_interactive(

@@ -623,7 +623,7 @@ def sample_grid(
             generator=torch.Generator(env.device).manual_seed(args.global_seed), progress=False,
             output_type="np" if source.vae is not None else "latent",
         )  # fmt: skip
-        image = out if source.vae is not None else latent_to_rgb(out).numpy()  # (N, H, W, 3) uint8
+        image = out if source.vae is not None else latent_to_rgb(out)  # (N, H, W, 3) uint8
         save_grid(image, path, nrow=min(num_classes, GRID_CLASSES))
         del pipe, model
     dist.barrier()
