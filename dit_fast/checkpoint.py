@@ -12,6 +12,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights in `path`: a bare state_dict, or the EMA weights of a {"model","ema","opt","args"} file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the path of a local .pt file")
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(path)
     with torch.serialization.safe_globals([argparse.Namespace]):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and "ema" in obj:
@@ -19,6 +21,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{str(path)!r} holds no state_dict (expected a dict of tensors or a dict with 'ema')")
     return obj
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state_dict saved with safetensors (`python -m dit_fast.export --safetensors`)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError(f"reading {str(path)!r} needs the safetensors package: pip install safetensors") from None
+    return load_file(str(path), device="cpu")
 
 
 def describe_state_dict(state: dict[str, torch.Tensor]) -> str:

@@ -142,8 +142,6 @@ def check_checkpoint_args(args: argparse.Namespace) -> None:
         )
     if not os.path.isfile(args.ckpt):
         raise FileNotFoundError(f"--ckpt {args.ckpt!r} does not exist; pass the path of a checkpoint file")
-    if args.ckpt.endswith(".safetensors"):
-        raise ValueError(f"--ckpt {args.ckpt!r}: sample.py reads torch.save files (.pt); export without --safetensors")
 
 
 def validate_args(args: argparse.Namespace) -> dict:

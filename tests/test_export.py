@@ -64,6 +64,8 @@ def test_export_to_safetensors(trained_run, tmp_path):
     reference, _ = read_ema_state(trained_run)
     assert state.keys() == reference.keys()
     assert all(torch.equal(state[name], reference[name]) for name in state)
+    loaded = load_model("DiT-debug", out)  # strict, as sample.py loads it
+    assert all(torch.equal(loaded.state_dict()[name], reference[name]) for name in state)
 
 
 def test_export_names_a_bad_checkpoint(tmp_path, capsys):

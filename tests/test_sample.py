@@ -148,9 +148,6 @@ def test_checkpoint_arguments_fail_before_model_work(tmp_path, capsys):
     assert "missing.pt' does not exist" in err
     err = run_error(["--model", "DiT-debug", "--no-vae", "--ckpt", str(tmp_path)], capsys)
     assert "is a directory (a sharded training checkpoint?)" in err and "python -m dit_fast.export --ckpt" in err
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    err = run_error(["--model", "DiT-debug", "--no-vae", "--ckpt", str(tmp_path / "model.safetensors")], capsys)
-    assert "reads torch.save files (.pt)" in err
 
 
 @pytest.mark.usefixtures("no_model_work")
