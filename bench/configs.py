@@ -1,7 +1,7 @@
 """Training and sampling throughput of the paper's 12 DiT configs at 256px: the fast path against the reference.
 
 Training step: forward, a mean-square loss on the output (as bench/model.py), backward and a fused AdamW
-step (dit_fast.train.make_optimizer), on fixed random latents (bench.model.make_inputs). Variants, as
+step (dit_fast.train_step.make_optimizer), on fixed random latents (bench.model.make_inputs). Variants, as
 bench/model.py builds them for DiT-XL/2:
   fast                fused=True, bf16 weights, auto attention, blocks compiled one by one
   reference-eager     the reference model (PyTorch SDPA), fp32 weights under bf16 autocast
@@ -28,7 +28,7 @@ from bench.sampling import CONFIGS, TIMED_STEPS, batch_inputs, measure_steps
 from dit_fast.config import DIT_CONFIGS, get_config
 from dit_fast.flops import model_flops
 from dit_fast.model import DiT, create_model
-from dit_fast.train import make_optimizer
+from dit_fast.train_step import make_optimizer
 
 PAPER_MODELS = tuple(name for name in DIT_CONFIGS if name != "DiT-debug")
 QUICK_MODELS = ("DiT-S/2", "DiT-B/2", "DiT-XL/2")

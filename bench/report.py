@@ -12,7 +12,7 @@ RENDERERS = {  # results' "benchmark" field -> (module, markdown function)
     "model": ("bench.model", "markdown"),
     "sampling": ("bench.sampling", "markdown"),
     "train_step": ("bench.train_step", "markdown"),
-    "suite": ("bench.suite", "markdown"),
+    "suite": ("bench.suite_report", "markdown"),
 }
 
 

@@ -1,7 +1,7 @@
 """A full DiT-XL/2 training step (forward, loss, backward, optimizer, EMA) at 256px: dit_fast against the
 original recipe, in the same run.
 
-dit_fast: the step train.py runs (dit_fast.train.TrainStep): FSDP2 (one rank here), bf16 compute with fp32
+dit_fast: the step train.py runs (dit_fast.train_step.TrainStep): FSDP2 (one rank here), bf16 compute with fp32
 master weights, the fused Triton path with auto attention, blocks compiled one by one, fused AdamW, the
 sharded EMA's one foreach lerp, the loop's per-step randomness, and the one all-reduce of [loss, grad
 norm]; timed with the per-step finite check (the default: one host sync) and without it.
@@ -35,7 +35,8 @@ from dit_fast.ema import DEFAULT_DECAY, ShardedEMA
 from dit_fast.flops import train_flops_per_image
 from dit_fast.model import create_model
 from dit_fast.parallel import DistEnv, build_fsdp_model, distributed
-from dit_fast.train import TrainStep, draw_step_randomness, make_optimizer
+from dit_fast.train_data import draw_step_randomness
+from dit_fast.train_step import TrainStep, make_optimizer
 
 MODEL = "DiT-XL/2"
 IMAGE_SIZE = 256

@@ -21,35 +21,46 @@ every --log-every steps.
 
 import argparse
 import json
-import logging
 import os
 import random
-import sys
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_convert
+from torch.utils.data import DataLoader, default_convert
 from tqdm.auto import tqdm
 
 from dit_fast.attention import AUTO, BACKEND_NAMES
-from dit_fast.checkpoint import load_checked
 from dit_fast.config import BLOCK_TYPES, DIT_CONFIGS, IMAGE_SIZES, get_config
-from dit_fast.data import SyntheticDataset, check_image_size, latent_to_rgb
-from dit_fast.diffusion import GaussianDiffusion, create_diffusion
+from dit_fast.data import check_image_size
+from dit_fast.diffusion import create_diffusion
 from dit_fast.ema import DEFAULT_DECAY, ShardedEMA
-from dit_fast.extract import load_encoder
-from dit_fast.flops import mfu, train_flops_per_image
-from dit_fast.image_data import ImageFolder, flip_where, uint8_to_model_range
-from dit_fast.images import make_grid, save_grid
-from dit_fast.latent_data import LatentShards, read_meta, sample_posterior
-from dit_fast.model import create_model
-from dit_fast.parallel import DistEnv, build_fsdp_model, distributed, local_tensor
+from dit_fast.flops import train_flops_per_image
+from dit_fast.images import make_grid
+from dit_fast.latent_data import read_meta
+from dit_fast.parallel import DistEnv, build_fsdp_model, distributed
+from dit_fast.train_data import (
+    DataPosition,
+    GlobalBatchSampler,
+    draw_step_randomness,
+    epoch_batches,
+    make_data_source,
+    next_position,
+)
+from dit_fast.train_errors import TrainingError, UsageError
+from dit_fast.train_hooks import TrainHooks, TrainObjects
+from dit_fast.train_logging import (
+    GRID_CLASSES,
+    MetricWindow,
+    close_logging,
+    log_metrics,
+    logger,
+    sample_grid,
+    setup_logging,
+)
 from dit_fast.train_state import (
     checkpoint_name,
     is_checkpoint,
@@ -58,34 +69,11 @@ from dit_fast.train_state import (
     read_trainer_state,
     save_checkpoint,
 )
+from dit_fast.train_step import OPTIMIZERS, TrainStep, make_optimizer
 
-OPTIMIZERS = ("adamw", "apex")
 IMAGENET_TRAIN_IMAGES = 1_281_167
 ASSUMED_PEAK_TFLOPS = 777.0  # H200 bf16 dense matmul, measured (8192^3); an assumption on other GPUs
-GRID_CLASSES = 8
-GRID_SAMPLES_PER_CLASS = 4
-GRID_SAMPLING_STEPS = 50
 RESUMED_RUN_KEYS = ("model", "image_size", "block", "global_batch_size", "data", "dataset_size", "global_seed")
-logger = logging.getLogger("dit_fast.train")
-
-
-class UsageError(ValueError):
-    """Bad command-line input; main() reports it like argparse does."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (out of memory); the message says what to change."""
-
-
-@dataclass
-class TrainHooks:
-    """Fault injection and inspection for tests (steps count from 1)."""
-
-    nan_inputs_at_step: int | None = None  # poison that step's latents: the loss turns non-finite
-    exit_during_checkpoint_at_step: int | None = None  # os._exit(1) after writing that checkpoint, before its rename
-    exit_after_step: int | None = None  # os._exit(1) once that step (and its checkpoint) is done: a kill
-    vae: object | None = None  # used instead of loading --vae (a fake encoder/decoder in tests)
-    on_finish: Callable[["TrainObjects"], None] | None = None  # every rank, before the process group closes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,357 +281,8 @@ def check_latents(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------------
-
-
-class SyntheticLatents(SyntheticDataset):
-    """The embedded dataset as latents, fetched a batch at a time by the DataLoader."""
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.get_batch(indices)
-
-
-def mixed_seed(*numbers: int) -> int:
-    """A 63-bit seed from a tuple of integers (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(numbers)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-@dataclass(frozen=True)
-class DataPosition:
-    """Where the next batch comes from: the epoch and the global batch within it."""
-
-    epoch: int = 0
-    batch: int = 0
-
-
-class GlobalBatchSampler:
-    """This rank's slice of every global batch of a per-epoch shuffle (drop-last); starts mid-epoch to resume.
-
-    The global batches do not depend on the world size: rank r of W takes the r-th of W equal slices.
-    """
-
-    def __init__(self, num_items: int, global_batch: int, env: DistEnv, seed: int):
-        if num_items < global_batch:
-            raise UsageError(f"the dataset has {num_items} items, fewer than one global batch of {global_batch}")
-        self.num_items = num_items
-        self.global_batch = global_batch
-        self.local_batch = global_batch // env.world_size
-        self.rank = env.rank
-        self.seed = seed
-        self.batches_per_epoch = num_items // global_batch
-        self.position = DataPosition()
-
-    def set_position(self, position: DataPosition) -> None:
-        """Like DistributedSampler.set_epoch, plus the batch to start from."""
-        self.position = position
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.position.batch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(
-            self.num_items, generator=torch.Generator().manual_seed(mixed_seed(self.seed, self.position.epoch))
-        )
-        for batch in range(self.position.batch, self.batches_per_epoch):
-            start = batch * self.global_batch + self.rank * self.local_batch
-            yield order[start : start + self.local_batch].tolist()
-
-
-def next_position(position: DataPosition, batches_per_epoch: int) -> DataPosition:
-    if position.batch + 1 < batches_per_epoch:
-        return DataPosition(position.epoch, position.batch + 1)
-    return DataPosition(position.epoch + 1, 0)
-
-
-def epoch_batches(
-    loader: DataLoader, sampler: GlobalBatchSampler, start: DataPosition
-) -> Iterator[tuple[DataPosition, list]]:
-    """(position, batch) pairs forever, from `start` on, epoch after epoch."""
-    position = start
-    while True:
-        sampler.set_position(position)
-        for batch in loader:
-            yield position, batch
-            position = next_position(position, sampler.batches_per_epoch)
-
-
-@dataclass
-class DataSource:
-    """A dataset whose batches are (payload, labels), and how a payload becomes (N, C, h, w) latents."""
-
-    kind: str  # "synthetic" | "images" | "latents"
-    dataset: Dataset
-    vae: object | None = None  # encodes "images"; decodes sample grids when present
-
-    def to_latents(self, payload: torch.Tensor, flip: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        if self.kind == "synthetic":
-            return payload.float()  # (N, C, h, w)
-        if self.kind == "latents":
-            return sample_posterior(payload, flip, eps)  # (N, C, h, w)
-        with torch.no_grad():
-            mean, std = self.vae.encode(flip_where(uint8_to_model_range(payload), flip))  # (N, C, h, w) each
-        return mean.float() + std.float() * eps
-
-
-def load_vae(source: str, device: torch.device, encode: bool):
-    """dit_fast.vae.VAE from a hub id or a local directory; a usage error when diffusers or the weights are missing."""
-    alternative = "pass --latents DIR with latents made by `python -m dit_fast.extract`" if encode else "drop --vae"
-    try:
-        return load_encoder(source, device, alternative)
-    except (ImportError, FileNotFoundError) as error:  # no diffusers, no weights
-        raise UsageError(f"--vae {source!r}: {error}") from None
-
-
-def make_data_source(args: argparse.Namespace, num_classes: int, env: DistEnv, hooks: TrainHooks) -> DataSource:
-    if args.latents:
-        try:
-            dataset = LatentShards(args.latents)
-        except FileNotFoundError as error:  # shards missing: extraction unfinished
-            raise UsageError(f"--latents: {error}") from None
-        vae = (
-            hooks.vae if hooks.vae is not None else (load_vae(args.vae, env.device, encode=False) if args.vae else None)
-        )
-        return DataSource("latents", dataset, vae)
-    if args.data_path:
-        from dit_fast.vae import DEFAULT_VAE
-
-        try:
-            folder = ImageFolder(args.data_path, args.image_size)
-        except FileNotFoundError as error:  # no class folders with images
-            raise UsageError(f"--data-path: {error}") from None
-        if len(folder.classes) > num_classes:
-            raise UsageError(f"--data-path has {len(folder.classes)} classes, more than the model's {num_classes}")
-        vae = hooks.vae if hooks.vae is not None else load_vae(args.vae or DEFAULT_VAE, env.device, encode=True)
-        return DataSource("images", folder, vae)
-    dataset = SyntheticLatents(num_classes, args.image_size, args.synthetic_size, latent=True, seed=args.global_seed)
-    return DataSource("synthetic", dataset, hooks.vae)
-
-
-@dataclass
-class StepRandomness:
-    """This rank's slice of one step's random draws for the global batch."""
-
-    t: torch.Tensor  # (n,) int64 diffusion steps
-    noise: torch.Tensor  # (n, C, h, w) the diffusion noise
-    eps: torch.Tensor  # (n, C, h, w) the VAE posterior sample
-    drop_label: torch.Tensor  # (n,) bool, classifier-free guidance dropout
-    flip: torch.Tensor  # (n,) bool, horizontal flip
-
-
-def draw_step_randomness(
-    seed: int,
-    step: int,
-    global_batch: int,
-    latent_shape: tuple[int, int, int],
-    num_timesteps: int,
-    label_dropout: float,
-    env: DistEnv,
-) -> StepRandomness:
-    """Draw for the whole global batch from a generator seeded by (seed, step), then slice this rank's part."""
-    generator = torch.Generator(env.device).manual_seed(mixed_seed(seed, step))
-    device, n = env.device, global_batch // env.world_size
-    rows = slice(env.rank * n, (env.rank + 1) * n)
-    t = torch.randint(0, num_timesteps, (global_batch,), generator=generator, device=device)  # (B,)
-    noise = torch.randn((global_batch, *latent_shape), generator=generator, device=device)  # (B, C, h, w)
-    eps = torch.randn((global_batch, *latent_shape), generator=generator, device=device)  # (B, C, h, w)
-    uniform = torch.rand((2, global_batch), generator=generator, device=device)  # (2, B)
-    return StepRandomness(t[rows], noise[rows], eps[rows], (uniform[0] < label_dropout)[rows], (uniform[1] < 0.5)[rows])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The step
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepStats:
-    """All-reduced over ranks, on the device: the global mean loss and the gradient norm (before clipping)."""
-
-    loss: torch.Tensor  # () fp32
-    grad_norm: torch.Tensor  # () fp32
-
-    def finite(self) -> torch.Tensor:
-        return torch.isfinite(self.loss) & torch.isfinite(self.grad_norm)  # () bool
-
-
-class TrainStep:
-    """One optimisation step in two halves, so the caller can stop between them: gradients(), then update().
-
-    It takes over classifier-free-guidance label dropout from the model (the model's own draw would use
-    each rank's device RNG): labels are replaced by the null class where drop_label is True.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        diffusion: GaussianDiffusion,
-        optimizer: torch.optim.Optimizer,
-        ema: ShardedEMA,
-        max_grad_norm: float | None = None,
-    ):
-        self.model = model
-        self.diffusion = diffusion
-        self.optimizer = optimizer
-        self.ema = ema
-        self.max_grad_norm = max_grad_norm
-        self.null_class = model.y_embedder.num_classes
-        self.label_dropout = model.y_embedder.dropout_prob
-        model.y_embedder.dropout_prob = 0.0
-        self.params = [param for param in model.parameters() if param.requires_grad]
-
-    def local_grads(self) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [local_tensor(param.grad) for param in self.params]
-
-    def gradients(
-        self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, drop_label: torch.Tensor
-    ) -> StepStats:
-        """Forward, loss and backward; one all-reduce of [loss, squared grad norm] gives the global stats."""
-        y = torch.where(drop_label, self.null_class, y)  # (n,)
-        loss = self.diffusion.training_losses(self.model, x, t, {"y": y}, noise=noise)["loss"].mean()
-        loss.backward()
-        squares = torch.stack(torch._foreach_norm(self.local_grads())).square().sum()  # each element lives on one rank
-        totals = torch.stack([loss.detach().float(), squares])  # (2,)
-        dist.all_reduce(totals)
-        return StepStats(totals[0] / dist.get_world_size(), totals[1].sqrt())
-
-    def update(self, stats: StepStats) -> None:
-        """Clip (when asked), optimizer step, zero the gradients, EMA update."""
-        if self.max_grad_norm is not None:
-            scale = (self.max_grad_norm / (stats.grad_norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(self.local_grads(), scale)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update()
-
-
-def make_optimizer(name: str, params: list[torch.Tensor], lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW without weight decay: torch's fused kernel on CUDA (foreach on the CPU), or apex FusedAdam."""
-    if name == "apex":
-        from apex.optimizers import FusedAdam
-
-        return FusedAdam(params, lr=lr, weight_decay=0.0, adam_w_mode=True)
-    if device.type == "cuda":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Logging and sample grids
-# ---------------------------------------------------------------------------------------------------------
-
-
-class ProgressBarHandler(logging.StreamHandler):
-    """Console lines written through tqdm, so they do not tear the progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=self.stream)
-
-
-def setup_logging(run_dir: Path, env: DistEnv) -> None:
-    """Rank 0 logs to stdout and run_dir/log.txt; other ranks print warnings and errors only."""
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    logger.propagate = False
-    if env.is_main:
-        formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        handlers = [ProgressBarHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")]
-        logger.setLevel(logging.INFO)
-    else:
-        formatter = logging.Formatter(f"[rank {env.rank}] %(message)s")
-        handlers = [logging.StreamHandler(sys.stderr)]
-        logger.setLevel(logging.WARNING)
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        logger.addHandler(handler)
-
-
-def close_logging() -> None:
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-
-
-class MetricWindow:
-    """Sums of the step stats on the device since the last log; read (one sync) every --log-every steps."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.grad_norm = torch.zeros((), device=self.device)
-        self.steps = 0
-        self.started = time.perf_counter()
-
-    def restart_clock_if_empty(self) -> None:
-        """Keep checkpoint and sampling time out of the next window's img/s (when they fall on a log step)."""
-        if self.steps == 0:
-            self.started = time.perf_counter()
-
-    def add(self, stats: StepStats) -> None:
-        self.loss += stats.loss
-        self.grad_norm += stats.grad_norm
-        self.steps += 1
-
-    def read(self) -> dict:
-        loss, grad_norm = torch.stack([self.loss, self.grad_norm]).tolist()
-        seconds = time.perf_counter() - self.started
-        values = {
-            "loss": loss / self.steps,
-            "grad_norm": grad_norm / self.steps,
-            "steps": self.steps,
-            "seconds": seconds,
-        }
-        self.reset()
-        return values
-
-
-@torch.no_grad()
-def sample_grid(
-    ema: ShardedEMA, args: argparse.Namespace, source: DataSource, env: DistEnv, path: Path
-) -> np.ndarray | None:
-    """DDIM-50 samples with CFG from the EMA weights, gathered onto rank 0 into a plain model; a PNG there."""
-    state = ema.full_state_dict(keep=env.is_main)
-    image = None
-    if env.is_main:
-        from dit_fast.pipeline import Pipeline  # the project's one sampling loop
-
-        model = create_model(args.model, image_size=args.image_size, block=args.block, attn="sdpa")
-        load_checked(model, state, source="the EMA weights")
-        del state
-        pipe = Pipeline(model, vae=source.vae, device=env.device, cuda_graph=False)
-        num_classes = model.num_classes
-        labels = list(range(min(num_classes, GRID_CLASSES))) * GRID_SAMPLES_PER_CLASS
-        out = pipe(
-            labels, guidance_scale=args.cfg_scale, num_inference_steps=GRID_SAMPLING_STEPS, sampler="ddim",
-            generator=torch.Generator(env.device).manual_seed(args.global_seed), progress=False,
-            output_type="np" if source.vae is not None else "latent",
-        )  # fmt: skip
-        image = out if source.vae is not None else latent_to_rgb(out)  # (N, H, W, 3) uint8
-        save_grid(image, path, nrow=min(num_classes, GRID_CLASSES))
-        del pipe, model
-    dist.barrier()
-    return image
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainObjects:
-    """What a run built; handed to TrainHooks.on_finish."""
-
-    env: DistEnv
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    ema: ShardedEMA
-    step: int
 
 
 @dataclass
@@ -858,43 +497,6 @@ def run_training(
     if hooks.on_finish is not None:
         hooks.on_finish(TrainObjects(env, model, optimizer, ema, step))
     return TrainSummary(run_dir, step, last_checkpoint, stop_reason, last_metrics)
-
-
-def log_metrics(
-    window: MetricWindow,
-    step: int,
-    epoch: int,
-    args: argparse.Namespace,
-    env: DistEnv,
-    flops_per_image: int,
-    first_window: bool,
-    writer,
-    run_dir: Path,
-) -> dict:
-    """Read the window (one sync), log one line on rank 0 and append it to metrics.jsonl."""
-    values = window.read()
-    images_per_s = values["steps"] * args.global_batch_size / values["seconds"]
-    tflops_per_gpu = images_per_s * flops_per_image / env.world_size / 1e12
-    metrics = {
-        "step": step, "epoch": epoch, "loss": values["loss"], "grad_norm": values["grad_norm"],
-        "img_per_s": images_per_s, "tflops_per_gpu": tflops_per_gpu,
-        "mfu": mfu(tflops_per_gpu, args.peak_tflops),
-        "peak_mem_gib": torch.cuda.max_memory_allocated(env.device) / 2**30 if env.device.type == "cuda" else None,
-    }  # fmt: skip
-    if env.is_main:
-        memory = f"{metrics['peak_mem_gib']:.1f} GiB" if metrics["peak_mem_gib"] is not None else "n/a (CPU)"
-        logger.info(
-            "step %d (epoch %d) loss %.4f grad norm %.3f | %.1f img/s, %.1f TFLOP/s per GPU, MFU %.1f%% of an assumed "
-            "%.0f TFLOP/s peak | peak memory %s%s",
-            step, epoch, metrics["loss"], metrics["grad_norm"], images_per_s, tflops_per_gpu,
-            100 * metrics["mfu"], args.peak_tflops, memory, " (includes compile and warm-up)" if first_window else "",
-        )  # fmt: skip
-        with open(run_dir / "metrics.jsonl", "a") as file:
-            file.write(json.dumps(metrics) + "\n")
-        if writer is not None:
-            for key in ("loss", "grad_norm", "img_per_s", "tflops_per_gpu", "mfu"):
-                writer.add_scalar(f"train/{key}", metrics[key], step)
-    return metrics
 
 
 def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> None:

@@ -14,7 +14,8 @@ from dit_fast.extract import main as extract_main
 from dit_fast.image_data import ImageFolder, center_crop_adm, flip_where
 from dit_fast.latent_data import LatentShards, sample_posterior, shard_name
 from dit_fast.parallel import distributed
-from dit_fast.train import TrainHooks, main
+from dit_fast.train import main
+from dit_fast.train_hooks import TrainHooks
 from tests.test_train_state import RUN
 
 IMAGE_SIZE = 32  # DiT-debug at 32px: 4x4 latents

@@ -16,19 +16,12 @@ from dit_fast.export import read_ema_state
 from dit_fast.model import create_model
 from dit_fast.parallel import DistEnv, build_fsdp_model, distributed
 from dit_fast.pipeline import Pipeline
-from dit_fast.train import (
-    DataPosition,
-    GlobalBatchSampler,
-    TrainHooks,
-    TrainStep,
-    UsageError,
-    build_parser,
-    check_args,
-    draw_step_randomness,
-    main,
-    next_position,
-)
+from dit_fast.train import build_parser, check_args, main
+from dit_fast.train_data import DataPosition, GlobalBatchSampler, draw_step_randomness, next_position
+from dit_fast.train_errors import UsageError
+from dit_fast.train_hooks import TrainHooks
 from dit_fast.train_state import latest_checkpoint
+from dit_fast.train_step import TrainStep
 from tests.test_train_state import BASE_ARGS, RUN, checkpoint_tensors, metrics
 
 CPU = torch.device("cpu")

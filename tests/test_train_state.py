@@ -30,7 +30,10 @@ def run_training(
     argv: list[str], hooks: str = "None", nproc: int = 1, timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """dit_fast.train.main(argv, hooks=<hooks source>) in a fresh process, or nproc of them under torchrun."""
-    code = f"from dit_fast.train import TrainHooks, main; main({argv!r}, hooks={hooks})"
+    code = (
+        "from dit_fast.train import main; from dit_fast.train_hooks import TrainHooks; "
+        f"main({argv!r}, hooks={hooks})"
+    )
     if nproc == 1:
         command = [sys.executable, "-c", code]
     else:
