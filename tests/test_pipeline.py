@@ -13,7 +13,7 @@ from dit_fast.diffusion import create_diffusion
 from dit_fast.diffusion.fast_sampling import SamplerLoop, sampler_diffusion
 from dit_fast.images import to_uint8
 from dit_fast.pipeline import draw_noise, index_generators, uniform_labels
-from dit_fast.vae import VAE
+from tests.test_vae import tiny_vae
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed (pip install diffusers)")
@@ -28,22 +28,6 @@ def random_debug_model(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
             if name != "pos_embed":
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return model.eval()
-
-
-def tiny_vae() -> VAE:
-    """An AutoencoderKL with SD's 8x downsampling and 4 latent channels, 32 channels wide."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        block_out_channels=(32, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-    )
-    return VAE(autoencoder)
 
 
 def reference_inputs(n: int, seed: int = 0):

@@ -12,9 +12,8 @@ HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed (pip install diffusers)")
 
 
-@pytest.fixture
-def tiny_vae_dir(tmp_path):
-    """A 32-channel AutoencoderKL with SD's 8x downsampling, saved as a diffusers directory."""
+def tiny_vae() -> VAE:
+    """An AutoencoderKL with SD's 8x downsampling and 4 latent channels, 32 channels wide."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -24,8 +23,15 @@ def tiny_vae_dir(tmp_path):
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1,
         latent_channels=4,
+        norm_num_groups=32,
     )
-    autoencoder.save_pretrained(tmp_path / "vae")
+    return VAE(autoencoder)
+
+
+@pytest.fixture
+def tiny_vae_dir(tmp_path):
+    """tiny_vae() saved as a diffusers directory."""
+    tiny_vae().autoencoder.save_pretrained(tmp_path / "vae")
     return tmp_path / "vae"
 
 
