@@ -99,8 +99,6 @@ class DiT(nn.Module):
     def run_blocks(self, x: torch.Tensor, t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
         """The transformer body; how conditioning enters depends on the block type."""
         block = self.cfg.block
-        if self.hoist_modulation:
-            return self.run_hoisted(x, t_emb + y_emb)
         if block in ("adaLN-Zero", "adaLN"):
             c = t_emb + y_emb  # (N, D)
             for layer in self.blocks:
@@ -161,9 +159,10 @@ class DiT(nn.Module):
         self.resolve_attention(x)
         t_emb = self.t_embedder(t)  # (N, D)
         y_emb = self.y_embedder(y, self.training)  # (N, D)
-        x = self.run_blocks(x, t_emb, y_emb)  # (N, T, D), or the final output when hoisted
-        if not self.hoist_modulation:
-            x = self.final_layer(x, t_emb + y_emb)  # (N, T, p*p*C_out)
+        if self.hoist_modulation:
+            x = self.run_hoisted(x, t_emb + y_emb)  # (N, T, p*p*C_out)
+        else:
+            x = self.final_layer(self.run_blocks(x, t_emb, y_emb), t_emb + y_emb)  # (N, T, p*p*C_out)
         out = self.unpatchify(x)
         return out.to(in_dtype) if self.fused else out
 
