@@ -9,11 +9,10 @@ the backend `resolve_backend("auto", ...)` picks for that shape.
 
     python -m bench.attention [--quick] [--out bench/results/attention-<gpu>.json]
 """
-import argparse
 
 import torch
 
-from bench.environment import git_commit, require_cuda, save_report
+from bench.environment import benchmark_main, git_commit
 
 from dit_fast.attention import attention, attention_flops, available_backends, resolve_backend, unavailable_backends
 from dit_fast.config import DIT_CONFIGS, get_config
@@ -135,15 +134,7 @@ def markdown_tables(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(f'{n} {s}px' for n, s in QUICK_SHAPES)}")
-    parser.add_argument("--out", help="JSON path (default bench/results/attention-<gpu>.json)")
-    args = parser.parse_args(argv)
-    require_cuda("bench/attention.py")
-    report = run(args.quick)
-    print(markdown_tables(report))
-    print("\nwrote", save_report(report, "attention", args.out))
-
+    benchmark_main(argv, "attention", __doc__, f"only {', '.join(f'{n} {s}px' for n, s in QUICK_SHAPES)}", run, markdown_tables)
 
 if __name__ == "__main__":
     main()

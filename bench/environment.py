@@ -1,4 +1,5 @@
 """What every benchmark shares: the environment record, the two measured ceilings, timing, and saving JSON."""
+import argparse
 import datetime
 import json
 import os
@@ -98,3 +99,15 @@ def save_report(report: dict, name: str, out: str | None = None) -> str:
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     return path
+
+
+def benchmark_main(argv: list[str] | None, name: str, doc: str, quick_help: str, run, markdown) -> None:
+    """The command line every single-question benchmark shares: --quick, --out; run, print tables, save JSON."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default=None, help=f"JSON path (default bench/results/{name}-<gpu>.json)")
+    args = parser.parse_args(argv)
+    require_cuda(f"bench/{name}.py")
+    report = run(args.quick)
+    print(markdown(report))
+    print("\nwrote", save_report(report, name, args.out))

@@ -13,14 +13,13 @@ process (a large device-to-device copy, read + write bytes).
 
     python -m bench.kernels [--quick] [--out bench/results/kernels-<gpu>.json]
 """
-import argparse
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from bench.environment import git_commit, require_cuda, save_report
+from bench.environment import benchmark_main, git_commit
 
 from dit_fast.kernels import (
     final_layer,
@@ -283,15 +282,7 @@ def markdown_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"only (B, T) in {QUICK_SHAPES}, shorter timing")
-    parser.add_argument("--out", help="JSON path (default bench/results/kernels-<gpu>.json)")
-    args = parser.parse_args(argv)
-    require_cuda("bench/kernels.py")
-    report = run(args.quick)
-    print(markdown_table(report))
-    print("\nwrote", save_report(report, "kernels", args.out))
-
+    benchmark_main(argv, "kernels", __doc__, f"only (B, T) in {QUICK_SHAPES}, shorter timing", run, markdown_table)
 
 if __name__ == "__main__":
     main()

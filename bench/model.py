@@ -9,14 +9,13 @@ elementwise+norm / other.
 
     python -m bench.model [--quick] [--out PATH]
 """
-import argparse
 import time
 from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.environment import environment, matmul_peak_tflops, require_cuda, save_report, time_ms
+from bench.environment import benchmark_main, environment, matmul_peak_tflops, require_cuda, time_ms
 from dit_fast.flops import model_flops
 from dit_fast.fused_blocks import FusedMlp
 from dit_fast.model import DiT, create_model
@@ -158,14 +157,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batch 128 only")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/model-<gpu>.json)")
-    args = parser.parse_args(argv)
-    report = run(args.quick)
-    print(markdown(report))
-    print("wrote", save_report(report, "model", args.out))
-
+    benchmark_main(argv, "model", __doc__, "batch 128 only", run, markdown)
 
 if __name__ == "__main__":
     main()

@@ -20,14 +20,13 @@ FLOPs per step: 2 x forward MACs x 128 images (dit_fast.flops); MFU against a bf
     python -m bench.sampling [--quick] [--out PATH]
 """
 
-import argparse
 import importlib.util
 import statistics
 import time
 
 import torch
 
-from bench.environment import environment, matmul_peak_tflops, require_cuda, save_report
+from bench.environment import benchmark_main, environment, matmul_peak_tflops, require_cuda
 from dit_fast.diffusion.fast_sampling import SamplerLoop
 from dit_fast.flops import model_flops
 from dit_fast.model import DiT, create_model
@@ -311,15 +310,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10 timed steps; no fast+compile+graph, no diffusers")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/sampling-<gpu>.json)")
-    args = parser.parse_args(argv)
-    require_cuda("bench/sampling.py")
-    report = run(args.quick)
-    print(markdown(report))
-    print("wrote", save_report(report, "sampling", args.out))
-
+    benchmark_main(argv, "sampling", __doc__, "10 timed steps; no fast+compile+graph, no diffusers", run, markdown)
 
 if __name__ == "__main__":
     main()
