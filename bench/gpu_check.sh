@@ -6,6 +6,8 @@
 #   bash bench/gpu_check.sh model     # bench/model.py
 #   bash bench/gpu_check.sh sampling  # bench/sampling.py
 #   bash bench/gpu_check.sh train     # bench/train_step.py
+#   bash bench/gpu_check.sh sweep     # bench/kernel_sweep.py: launch configs of the adaLN kernels
+#   bash bench/gpu_check.sh quick     # the GPU test of `python -m bench --quick` (its output kept in $OUT/quick)
 # Results and logs go to $OUT (default ./gpu_out). Installs the package in place without touching torch.
 set -u
 OUT=${OUT:-gpu_out}
@@ -49,7 +51,11 @@ for stage in "$@"; do
       step sampling_tests python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/gpu/test_sampling_gpu.py
       step bench_sampling python3 -m bench.sampling --out "$OUT/sampling.json" ;;
     train) step bench_train python3 -m bench.train_step --out "$OUT/train_step.json" ;;
-    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train"; exit 2 ;;
+    sweep) step kernel_sweep python3 -m bench.kernel_sweep --out "$OUT/kernel_sweep.json" ;;
+    quick)
+      step bench_quick python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=1500 --basetemp="$OUT/quick" \
+        tests/gpu/test_bench_quick_gpu.py ;;
+    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train, sweep, quick"; exit 2 ;;
   esac
 done
 exit $status

@@ -12,6 +12,8 @@ and dgate = sum over T of grad * y, written as fp32 per-chunk partial sums (B, n
 each own a chunk of one sample's rows and a block of columns, then finished by a torch `.sum(1)`: no
 atomics, bit-identical run to run.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -96,11 +98,28 @@ def _gated_residual_bwd_kernel(
 RUNS_IN_INTERPRETER = isinstance(_gated_residual_fwd_kernel, InterpretedFunction)
 
 
-def _block_sizes(D: int) -> tuple[int, int, int]:
-    """(BLOCK_D, ROWS, num_warps) for rows of width D, by the rule in the module docstring."""
+class LaunchConfig(NamedTuple):
+    """How a kernel is launched: tiles of `rows` x `block_d`, `num_warps`, and (backward) rows per program."""
+
+    rows: int
+    block_d: int
+    num_warps: int
+    rows_per_chunk: int = 0  # backward only: rows of one sample that one program reduces
+
+
+def forward_config(M: int, D: int) -> LaunchConfig:
+    """The forward's launch rule (module docstring)."""
     block_d = min(MAX_BLOCK_D, triton.next_power_of_2(D))
     rows = TILE_ELEMENTS // block_d
-    return block_d, rows, rows * block_d // 256
+    return LaunchConfig(rows, block_d, rows * block_d // 256)
+
+
+def backward_config(M: int, D: int) -> LaunchConfig:
+    """The backward's launch rule (module docstring): about BACKWARD_PROGRAMS programs, power-of-two chunks."""
+    rows, block_d, num_warps, _ = forward_config(M, D)
+    n_column_blocks = triton.cdiv(D, block_d)
+    rows_per_chunk = max(rows, min(1024, triton.next_power_of_2(triton.cdiv(M * n_column_blocks, BACKWARD_PROGRAMS))))
+    return LaunchConfig(rows, block_d, num_warps, rows_per_chunk)
 
 
 def _as_rows(t: torch.Tensor, D: int) -> torch.Tensor:
@@ -132,9 +151,14 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
 def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + gate * y for x, y (B, T, D) and gate (B, D)."""
     _check_inputs(x, y, gate)
+    return _forward(x, y, gate)
+
+
+def _forward(x, y, gate, config: LaunchConfig | None = None) -> torch.Tensor:
+    """Launch the forward kernel; `config` overrides the launch rule (bench/kernel_sweep.py)."""
     B, T, D = x.shape
     M = B * T
-    block_d, rows, num_warps = _block_sizes(D)
+    rows, block_d, num_warps, _ = config or forward_config(M, D)
     x2, y2 = _as_rows(x, D), _as_rows(y, D)  # (M, D)
     gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)
     out = torch.empty((B, T, D), dtype=x.dtype, device=x.device)  # (B, T, D)
@@ -151,12 +175,15 @@ def _gated_residual_backward_op(
     grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy, dgate) of gated_residual; dx is grad_out itself."""
+    return _backward(grad_out, y, gate)
+
+
+def _backward(grad_out, y, gate, config: LaunchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel and finish dgate; `config` overrides the launch rule."""
     B, T, D = y.shape
     M = B * T
-    block_d, rows, num_warps = _block_sizes(D)
+    rows, block_d, num_warps, rows_per_chunk = config or backward_config(M, D)
     n_column_blocks = triton.cdiv(D, block_d)
-    # About BACKWARD_PROGRAMS programs in all, a power of two of rows each.
-    rows_per_chunk = max(rows, min(1024, triton.next_power_of_2(triton.cdiv(M * n_column_blocks, BACKWARD_PROGRAMS))))
     n_chunks = triton.cdiv(T, rows_per_chunk)
     grad_out2, y2 = _as_rows(grad_out, D), _as_rows(y, D)  # (M, D)
     gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)

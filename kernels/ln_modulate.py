@@ -20,6 +20,8 @@ Math is fp32 (fp64 when the inputs are fp64, so that gradcheck can run); mean an
 and dgate as fp32 per-chunk partial sums (B, n_chunks, D), each program owning a chunk of one sample's
 rows; a torch `.sum(1)` finishes them. No atomics, so gradients are bit-identical run to run.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -55,18 +57,26 @@ def _ln_modulate_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS_SHARE_SAMPLE: tl.constexpr,  # T % ROWS == 0: every tile lies in one sample
 ):
     compute = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
     cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     mask = (rows < M)[:, None] & (cols < D)[None, :]  # (ROWS, BLOCK_D)
-    sample = rows // T  # (ROWS,) which sample's shift/scale/gate each row uses
     out_offsets = rows[:, None] * D + cols[None, :]  # (ROWS, BLOCK_D) into the contiguous outputs
+    if ROWS_SHARE_SAMPLE:  # T % ROWS == 0: one sample's (1, BLOCK_D) vectors, broadcast over the tile
+        sample = (tl.program_id(0).to(tl.int64) * ROWS) // T
+        per_sample = sample + tl.zeros([1], dtype=tl.int64)  # (1,)
+        per_sample_mask = (cols < D)[None, :]  # (1, BLOCK_D)
+    else:  # each row's own sample, (ROWS, BLOCK_D) gathers
+        per_sample = rows // T  # (ROWS,)
+        per_sample_mask = mask
 
     x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(compute)
     if HAS_RESIDUAL:
         y = tl.load(Y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(compute)
-        gate = tl.load(GATE_ptr + sample[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(compute)
+        gate_ptrs = GATE_ptr + per_sample[:, None] * stride_gate + cols[None, :]
+        gate = tl.load(gate_ptrs, mask=per_sample_mask, other=0.0).to(compute)
         x_new = (x + gate * y).to(X_NEW_ptr.dtype.element_ty)
         tl.store(X_NEW_ptr + out_offsets, x_new, mask=mask)
         x = x_new.to(compute)  # normalise the stored (rounded) x_new, the tensor the backward sees
@@ -74,8 +84,10 @@ def _ln_modulate_fwd_kernel(
     mean = tl.sum(x, axis=1) / D  # (ROWS,)
     centered = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)  # (ROWS,)
-    shift = tl.load(SHIFT_ptr + sample[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(compute)
-    scale = tl.load(SCALE_ptr + sample[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(compute)
+    shift_ptrs = SHIFT_ptr + per_sample[:, None] * stride_shift + cols[None, :]
+    scale_ptrs = SCALE_ptr + per_sample[:, None] * stride_scale + cols[None, :]
+    shift = tl.load(shift_ptrs, mask=per_sample_mask, other=0.0).to(compute)
+    scale = tl.load(scale_ptrs, mask=per_sample_mask, other=0.0).to(compute)
     h = centered * rstd[:, None] * (1.0 + scale) + shift
     tl.store(H_ptr + out_offsets, h.to(H_ptr.dtype.element_ty), mask=mask)
     tl.store(MEAN_ptr + rows, mean.to(MEAN_ptr.dtype.element_ty), mask=rows < M)
@@ -165,18 +177,35 @@ def _ln_modulate_bwd_kernel(
 RUNS_IN_INTERPRETER = isinstance(_ln_modulate_fwd_kernel, InterpretedFunction)
 
 
-def _block_sizes(D: int) -> tuple[int, int, int]:
-    """(BLOCK_D, ROWS, num_warps) for rows of width D, by the rule in the module docstring."""
+class LaunchConfig(NamedTuple):
+    """How a kernel is launched: tiles of `rows` x BLOCK_D, `num_warps`, and (backward) rows per program."""
+
+    rows: int
+    num_warps: int
+    rows_per_chunk: int = 0  # backward only: rows of one sample that one program reduces
+
+
+def _block_d(D: int) -> int:
+    """BLOCK_D = next_power_of_2(D); D > MAX_BLOCK_D is a ValueError."""
     block_d = triton.next_power_of_2(D)
     if block_d > MAX_BLOCK_D:
         raise ValueError(f"ln_modulate supports D <= {MAX_BLOCK_D} (one row per register tile); got D={D}")
+    return block_d
+
+
+def forward_config(M: int, D: int) -> LaunchConfig:
+    """The forward's launch rule (module docstring)."""
+    block_d = _block_d(D)
     rows = max(1, TILE_ELEMENTS // block_d)
-    return block_d, rows, min(16, rows * block_d // 256)
+    return LaunchConfig(rows, min(16, rows * block_d // 256))
 
 
-def _rows_per_chunk(M: int, rows_per_tile: int) -> int:
-    """Rows of one sample reduced by one backward program: about M / BACKWARD_PROGRAMS, a power of two."""
-    return max(rows_per_tile, min(256, triton.next_power_of_2(triton.cdiv(M, BACKWARD_PROGRAMS))))
+def backward_config(M: int, D: int) -> LaunchConfig:
+    """The backward's launch rule (module docstring)."""
+    block_d = _block_d(D)
+    rows = max(1, TILE_ELEMENTS // block_d)
+    rows_per_chunk = max(rows, min(256, triton.next_power_of_2(triton.cdiv(M, BACKWARD_PROGRAMS))))
+    return LaunchConfig(rows, min(16, rows * block_d // 256), rows_per_chunk)
 
 
 def _as_rows(t: torch.Tensor, D: int) -> torch.Tensor:
@@ -210,11 +239,15 @@ def _per_sample(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _forward(x, y, gate, shift, scale, eps):
-    """Launch the forward kernel; y and gate are None for plain ln_modulate. Returns (x_new, h, mean, rstd)."""
+def _forward(x, y, gate, shift, scale, eps, config: LaunchConfig | None = None):
+    """Launch the forward kernel; y and gate are None for plain ln_modulate. Returns (x_new, h, mean, rstd).
+
+    `config` overrides the launch rule (bench/kernel_sweep.py times alternatives that way).
+    """
     B, T, D = x.shape
     M = B * T
-    block_d, rows, num_warps = _block_sizes(D)
+    block_d = _block_d(D)
+    rows, num_warps, _ = config or forward_config(M, D)
     has_residual = y is not None
     # Without the residual, the residual-only pointer slots get some existing tensor the kernel never touches.
     x2 = _as_rows(x, D)  # (M, D)
@@ -232,20 +265,21 @@ def _forward(x, y, gate, shift, scale, eps):
         M, D, T,
         x2.stride(0), y2.stride(0), gate.stride(0), shift.stride(0), scale.stride(0),
         eps,
-        HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK_D=block_d, ROWS_SHARE_SAMPLE=T % rows == 0, num_warps=num_warps,
     )  # fmt: skip
     return x_new, h, mean, rstd
 
 
-def _backward(grad_h, grad_x_new, x, y, gate, scale, mean, rstd):
+def _backward(grad_h, grad_x_new, x, y, gate, scale, mean, rstd, config: LaunchConfig | None = None):
     """Launch the backward kernel and finish the per-sample sums; residual-only arguments are None otherwise.
 
-    Returns (dx, dy, dgate, dshift, dscale), with dy and dgate None without the residual.
+    Returns (dx, dy, dgate, dshift, dscale), with dy and dgate None without the residual. `config`
+    overrides the launch rule.
     """
     B, T, D = x.shape
     M = B * T
-    block_d, rows, num_warps = _block_sizes(D)
-    rows_per_chunk = _rows_per_chunk(M, rows)
+    block_d = _block_d(D)
+    rows, num_warps, rows_per_chunk = config or backward_config(M, D)
     n_chunks = triton.cdiv(T, rows_per_chunk)
     has_residual = y is not None
     # Without the residual, the residual-only pointer slots get some existing tensor the kernel never touches.

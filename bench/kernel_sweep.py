@@ -1,0 +1,234 @@
+"""Launch-config sweep of the adaLN kernels on one GPU: which tile, warps and chunk size move the most bytes.
+
+For ln_modulate, gated_residual_ln_modulate and gated_residual, forward and backward, at DiT-XL/2 width
+(D = 1152, bf16) and B*T = 32768 rows (B=128 T=256, and B=32 T=1024), it times the kernel launchers of
+kernels/ (`_forward` / `_backward`) with the default launch rule and with each config of a small grid,
+next to Inductor's compiled reference of the same pass. Every config's outputs are first compared with the
+default config's (bf16 tolerance); a config that disagrees is reported and not timed.
+
+Timing is GPU time without host overhead: CALLS back-to-back calls are captured in one CUDA graph and the
+replay is timed with CUDA events (median of REPLAYS replays, divided by CALLS). Where capture fails (it
+should not), the same calls run eagerly between the events. Every tensor is >= 75 MB, past the 60 MB L2.
+GB/s counts the minimal bytes of bench/kernels.py's formulas; copy bandwidth is measured in the same run.
+A profile of final_layer's forward+backward (fused and compiled reference) lists its kernels' GPU times.
+
+    python -m bench.kernel_sweep [--out bench/results/kernel_sweep-<gpu>.json]
+"""
+import argparse
+import importlib
+from typing import Callable
+
+import torch
+
+from bench.environment import copy_bandwidth_gbps, environment, require_cuda, save_report
+from bench.kernels import OP_CASES
+
+gr = importlib.import_module("dit_fast.kernels.gated_residual")  # the modules (the package exports functions
+ln = importlib.import_module("dit_fast.kernels.ln_modulate")  # of the same names)
+
+SHAPES = ((128, 256), (32, 1024))
+CALLS, REPLAYS = 10, 7
+LN_FWD = [ln.LaunchConfig(r, w) for r, w in ((1, 8), (1, 4), (1, 2), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8), (8, 16))]
+LN_BWD = [
+    ln.LaunchConfig(r, w, c)
+    for r, w, c in (
+        (1, 8, 64), (1, 8, 32), (1, 8, 16), (1, 4, 64), (1, 4, 32), (1, 4, 16), (1, 2, 32),
+        (2, 4, 32), (2, 4, 64), (2, 8, 32), (2, 8, 64), (4, 8, 64), (4, 4, 32), (2, 4, 16),
+    )
+]  # fmt: skip
+GR_FWD = [gr.LaunchConfig(r, b, w) for r, b, w in ((16, 128, 8), (8, 128, 4), (32, 128, 8), (16, 256, 8), (4, 1024, 8), (8, 1024, 16), (32, 128, 16))]
+GR_BWD = [
+    gr.LaunchConfig(r, b, w, c)
+    for r, b, w, c in (
+        (16, 128, 8, 64), (16, 128, 8, 32), (16, 128, 8, 16), (16, 128, 4, 64), (32, 128, 8, 64),
+        (8, 128, 4, 32), (16, 256, 8, 64), (8, 256, 4, 64), (4, 1024, 8, 32), (8, 1024, 16, 64),
+        (32, 128, 4, 128), (64, 128, 8, 128),
+    )
+]  # fmt: skip
+
+
+def gpu_ms(fn: Callable[[], object]) -> tuple[float, str]:
+    """(ms per call of fn, "graph" or "eager"): CALLS calls in one CUDA graph, median replay time / CALLS."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(CALLS):
+                fn()
+        run, mode = graph.replay, "graph"
+    except Exception:  # capture is not supported by this call: time it eagerly
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(CALLS):
+                fn()
+
+        mode = "eager"
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / CALLS)
+    return sorted(times)[REPLAYS // 2], mode
+
+
+def _inputs(op: str, B: int, T: int) -> dict:
+    """bf16 inputs as bench/kernels.py makes them (strided chunk views for the per-sample vectors)."""
+    return next(case for case in OP_CASES if case.name == op).make_inputs(B, T)
+
+
+def _launchers(op: str, inputs: dict, grad: dict) -> tuple[Callable, Callable]:
+    """(forward(config), backward(config)) calling the op's kernel launchers directly, no autograd."""
+    x, shift, scale = inputs["x"].detach(), inputs.get("shift"), inputs.get("scale")
+    if op == "gated_residual":
+        y, gate = inputs["y"].detach(), inputs["gate"].detach()
+        return (lambda c: gr._forward(x, y, gate, c), lambda c: gr._backward(grad["out"], y, gate, c))
+    shift, scale = shift.detach(), scale.detach()
+    if op == "ln_modulate":
+        _, _, mean, rstd = ln._forward(x, None, None, shift, scale, 1e-6)
+        return (
+            lambda c: ln._forward(x, None, None, shift, scale, 1e-6, c)[1:2],
+            lambda c: ln._backward(grad["h"], None, x, None, None, scale, mean, rstd, c),
+        )
+    y, gate = inputs["y"].detach(), inputs["gate"].detach()
+    x_new, _, mean, rstd = ln._forward(x, y, gate, shift, scale, 1e-6)
+    return (
+        lambda c: ln._forward(x, y, gate, shift, scale, 1e-6, c)[:2],
+        lambda c: ln._backward(grad["h"], grad["x_new"], x_new, y, gate, scale, mean, rstd, c),
+    )
+
+
+def _compiled_passes(op: str, inputs: dict) -> tuple[Callable, Callable]:
+    """(forward, backward) of torch.compile(<op>_ref), recording autograd as in training."""
+    case = next(case for case in OP_CASES if case.name == op)
+    compiled = torch.compile(case.reference)
+    leaves = list(inputs.values())
+    outputs = compiled(**inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    cotangents = [torch.randn_like(o) for o in outputs]
+    return (lambda: compiled(**inputs), lambda: torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True))
+
+
+def _agree(candidate, expected) -> bool:
+    return all(
+        a is None or torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2) for a, b in zip(candidate, expected)
+    )
+
+
+def sweep_case(op: str, B: int, T: int, copy_gbps: float) -> list[dict]:
+    """Rows for one (op, shape): compiled reference and every config, forward and backward."""
+    case = next(case for case in OP_CASES if case.name == op)
+    inputs = _inputs(op, B, T)
+    x = inputs["x"]
+    grad = {"out": torch.randn_like(x), "h": torch.randn_like(x), "x_new": torch.randn_like(x)}
+    forward, backward = _launchers(op, inputs, grad)
+    grids = {"ln_modulate": (LN_FWD, LN_BWD), "gated_residual_ln_modulate": (LN_FWD, LN_BWD), "gated_residual": (GR_FWD, GR_BWD)}[op]
+    compiled_fwd, compiled_bwd = _compiled_passes(op, inputs)
+    rows = []
+    for pas, launch, configs, nbytes, compiled in (
+        ("fwd", forward, grids[0], case.forward_bytes(B, T), compiled_fwd),
+        ("bwd", backward, grids[1], case.backward_bytes(B, T), compiled_bwd),
+    ):
+        ms, mode = gpu_ms(compiled)
+        rows.append(_row(op, B, T, pas, "compiled", ms, mode, nbytes, copy_gbps))
+        expected = [t for t in launch(None) if t is not None]
+        for config in [None, *configs]:
+            label = "default" if config is None else str(tuple(config))
+            try:
+                if not _agree([t for t in launch(config) if t is not None], expected):
+                    rows.append({"op": op, "B": B, "T": T, "pass": pas, "impl": label, "error": "outputs disagree"})
+                    continue
+                ms, mode = gpu_ms(lambda: launch(config))
+            except Exception as error:  # a config the compiler rejects (registers, shared memory): report it
+                rows.append({"op": op, "B": B, "T": T, "pass": pas, "impl": label, "error": repr(error)[:200]})
+                continue
+            rows.append(_row(op, B, T, pas, label, ms, mode, nbytes, copy_gbps))
+            print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def _row(op, B, T, pas, impl, ms, mode, nbytes, copy_gbps) -> dict:
+    gbps = nbytes / ms / 1e6
+    return {"op": op, "B": B, "T": T, "pass": pas, "impl": impl, "ms": ms, "timing": mode, "gbps": gbps, "copy_fraction": gbps / copy_gbps}
+
+
+def _line(row: dict) -> str:
+    return f"{row['op']:28s} B={row['B']:<4d} T={row['T']:<5d} {row['pass']:4s} {row['impl']:20s} {row['ms']:.4f} ms {row['copy_fraction']:.0%} ({row['timing']})"
+
+
+def final_layer_profile(B: int = 256, T: int = 256) -> dict:
+    """GPU time per kernel (us) of one forward+backward of final_layer and of its compiled reference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = next(case for case in OP_CASES if case.name == "final_layer")
+    inputs = case.make_inputs(B, T)
+    leaves = list(inputs.values())
+    result = {}
+    for impl, fn in (("triton", case.fused), ("compiled", torch.compile(case.reference))):
+        def step():
+            out = fn(**inputs)
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = {}
+        for event in prof.events():
+            if event.device_type.name == "CUDA":
+                kernels[event.name[:90]] = kernels.get(event.name[:90], 0.0) + event.device_time
+        result[impl] = dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernel_sweep-<gpu>.json)")
+    parser.add_argument("--ops", nargs="+", default=["ln_modulate", "gated_residual_ln_modulate", "gated_residual"])
+    args = parser.parse_args(argv)
+    require_cuda("bench/kernel_sweep.py")
+    torch.manual_seed(0)
+    copy_gbps = copy_bandwidth_gbps()
+    rows = []
+    for op in args.ops:
+        for B, T in SHAPES:
+            rows += sweep_case(op, B, T, copy_gbps)
+            torch.cuda.empty_cache()
+    report = {"benchmark": "kernel_sweep", "env": environment(), "copy_gbps": copy_gbps, "rows": rows,
+              "final_layer_profile_us": final_layer_profile()}  # fmt: skip
+    print(markdown(report))
+    print("\nwrote", save_report(report, "kernel_sweep", args.out))
+
+
+def markdown(report: dict) -> str:
+    """Per (op, shape, pass): compiled reference, default config and the best config, with % of copy."""
+    lines = ["| op | B | T | pass | compiled ms | default ms | best config | best ms | best % copy | x compiled |", "|---|---|---|---|---|---|---|---|---|---|"]
+    timed = [r for r in report["rows"] if "ms" in r]
+    keys = sorted({(r["op"], r["B"], r["T"], r["pass"]) for r in timed}, key=lambda k: (k[0], -k[1], k[3]))
+    for key in keys:
+        group = [r for r in timed if (r["op"], r["B"], r["T"], r["pass"]) == key]
+        compiled = next((r for r in group if r["impl"] == "compiled"), None)
+        default = next((r for r in group if r["impl"] == "default"), None)
+        best = min((r for r in group if r["impl"] != "compiled"), key=lambda r: r["ms"])
+        c_ms = compiled["ms"] if compiled else float("nan")
+        d_ms = default["ms"] if default else float("nan")
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {c_ms:.4f} | {d_ms:.4f} | {best['impl']} | {best['ms']:.4f} "
+            f"| {best['copy_fraction']:.0%} | {c_ms / best['ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
