@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     require_cuda("bench/kernel_sweep.py")
     torch.manual_seed(0)
+    # Inductor's donated buffers (a memory saving) forbid the retained-graph backward timed here.
+    torch._functorch.config.donated_buffer = False
     copy_gbps = copy_bandwidth_gbps()
     rows = []
     for op in args.ops:

@@ -55,6 +55,23 @@ def image_size_of(state: dict[str, torch.Tensor], patch_size: int) -> int:
     return int(round(tokens**0.5)) * patch_size * VAE_DOWNSAMPLE
 
 
+def with_num_classes(name: str, state: dict[str, torch.Tensor], model_kwargs: dict, path: str | os.PathLike) -> dict:
+    """model_kwargs with the class count of the checkpoint's label embedding table (its rows less the null class
+    row of guidance); a num_classes given in model_kwargs must match it."""
+    table = state.get("y_embedder.embedding_table.weight")
+    if table is None or table.ndim != 2:
+        return model_kwargs  # not a DiT label table: load_checked names what is wrong
+    dropout = model_kwargs.get("class_dropout_prob", DIT_CONFIGS[name].class_dropout_prob)
+    implied = table.shape[0] - int(dropout > 0)
+    given = model_kwargs.get("num_classes", implied)
+    if given != implied:
+        raise ValueError(
+            f"num_classes {given} does not match the checkpoint {str(path)!r}, whose label embedding table "
+            f"({table.shape[0]} rows) implies {implied} classes for {name}"
+        )
+    return dict(model_kwargs, num_classes=implied)
+
+
 def load_checked(model: DiT, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Strict load; a mismatch lists the missing and unexpected keys and the shape mismatches."""
     expected = model.state_dict()
@@ -81,7 +98,8 @@ def load_model(
 ) -> DiT:
     """Build `name` and strictly load `path` (official file, export, or training checkpoint's EMA).
 
-    image_size None takes it from the checkpoint's pos_embed; a given size must match it.
+    image_size None takes it from the checkpoint's pos_embed and a num_classes left out from its label embedding
+    table (rows - 1, the null class); given values must match them.
     """
     state = read_state_dict(path)
     if name in DIT_CONFIGS and _patch_size(state) == DIT_CONFIGS[name].patch_size:
@@ -92,6 +110,7 @@ def load_model(
                 f"({state['pos_embed'].shape[1]} tokens) implies {implied}px for {name}"
             )
         image_size = implied
+        model_kwargs = with_num_classes(name, state, model_kwargs, path)
     model = create_model(name, image_size=image_size, block=block, **model_kwargs)
     load_checked(model, state, source=f"checkpoint {str(path)!r}")
     return model

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from dit_fast.config import DIT_CONFIGS
 from dit_fast.model import create_model
 from dit_fast.train_state import is_checkpoint, latest_checkpoint, read_trainer_state
 
@@ -33,19 +34,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
+def saved_model_kwargs(trainer_state: dict) -> dict:
+    """create_model's image_size, block and num_classes for the run that wrote trainer.json; checkpoints from
+    before --num-classes have the model config's class count, which they were trained with."""
+    num_classes = trainer_state.get("num_classes")
+    if num_classes is None:
+        num_classes = DIT_CONFIGS[trainer_state["model"]].num_classes
+    return {"image_size": trainer_state["image_size"], "block": trainer_state["block"], "num_classes": num_classes}
+
+
 def read_ema_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(EMA state dict with official keys, fp32 CPU tensors; trainer.json) of a checkpoint or run directory."""
+    """(EMA state dict with official keys, fp32 CPU tensors; trainer.json with saved_model_kwargs filled in) of a
+    checkpoint or run directory."""
     checkpoint = resolve_checkpoint(path)
     trainer_state = read_trainer_state(checkpoint)
+    model_kwargs = saved_model_kwargs(trainer_state)
     with torch.device("meta"):
-        shapes = create_model(
-            trainer_state["model"], image_size=trainer_state["image_size"], block=trainer_state["block"]
-        )
+        shapes = create_model(trainer_state["model"], **model_kwargs)
     ema = {name: torch.empty(tensor.shape, dtype=torch.float32) for name, tensor in shapes.state_dict().items()}
     with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load({"ema": ema}, checkpoint_id=str(checkpoint), no_dist=True)
-    return ema, dict(trainer_state, checkpoint=str(checkpoint))
+    return ema, dict(trainer_state, **model_kwargs, checkpoint=str(checkpoint))
 
 
 def write_state_dict(state: dict[str, torch.Tensor], out: str | Path, use_safetensors: bool = False) -> Path:
@@ -78,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     out = write_state_dict(state, args.out, args.safetensors)
     print(
         f"wrote {out}: EMA weights of {trainer_state['model']} at {trainer_state['image_size']}px "
-        f"({trainer_state['block']}), step {trainer_state['step']}, from {trainer_state['checkpoint']}"
+        f"({trainer_state['block']}, {trainer_state['num_classes']} classes), step {trainer_state['step']}, "
+        f"from {trainer_state['checkpoint']}"
     )
 
 

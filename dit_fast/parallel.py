@@ -104,13 +104,19 @@ def build_fsdp_model(
     seed: int,
     image_size: int | None = None,
     block: str = "adaLN-Zero",
+    num_classes: int | None = None,
     attn: str = "auto",
     fused: bool = False,
     grad_ckpt: bool = False,
     compile_blocks: bool = False,
 ) -> DiT:
-    """A DiT sharded over all ranks with FSDP2, initialised from `seed` identically for every world size."""
+    """A DiT sharded over all ranks with FSDP2, initialised from `seed` identically for every world size.
+
+    image_size and num_classes None keep the config's.
+    """
     kwargs = {"image_size": image_size, "block": block, "fused": fused, "attn": attn}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     with torch.device("meta"):
         model = create_model(name, **kwargs)
     model.hoist_modulation = False  # the hoisted adaLN product reads every block's weights outside its FSDP unit

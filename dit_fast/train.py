@@ -34,10 +34,11 @@ from torch.utils.data import DataLoader, default_convert
 from tqdm.auto import tqdm
 
 from dit_fast.attention import AUTO, BACKEND_NAMES
-from dit_fast.config import BLOCK_TYPES, DIT_CONFIGS, IMAGE_SIZES, get_config
-from dit_fast.data import check_image_size
+from dit_fast.config import BLOCK_TYPES, DIT_CONFIGS, IMAGE_SIZES, VAE_DOWNSAMPLE, get_config
+from dit_fast.data import MAX_CLASSES, check_image_size
 from dit_fast.diffusion import create_diffusion
 from dit_fast.ema import DEFAULT_DECAY, ShardedEMA
+from dit_fast.export import saved_model_kwargs
 from dit_fast.flops import train_flops_per_image
 from dit_fast.images import make_grid
 from dit_fast.latent_data import read_meta
@@ -45,6 +46,7 @@ from dit_fast.parallel import DistEnv, build_fsdp_model, distributed
 from dit_fast.train_data import (
     DataPosition,
     GlobalBatchSampler,
+    check_dataset_classes,
     draw_step_randomness,
     epoch_batches,
     make_data_source,
@@ -73,7 +75,9 @@ from dit_fast.train_step import OPTIMIZERS, TrainStep, make_optimizer
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 ASSUMED_PEAK_TFLOPS = 777.0  # H200 bf16 dense matmul, measured (8192^3); an assumption on other GPUs
-RESUMED_RUN_KEYS = ("model", "image_size", "block", "global_batch_size", "data", "dataset_size", "global_seed")
+RESUMED_RUN_KEYS = (
+    "model", "image_size", "block", "num_classes", "global_batch_size", "data", "dataset_size", "global_seed"
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size", type=int, default=None,
         help=f"{' or '.join(map(str, IMAGE_SIZES))} for the paper's models (default 256); DiT-debug takes any "
         "multiple of 16 from 32 (default 64)",
+    )  # fmt: skip
+    model.add_argument(
+        "--num-classes", type=int, default=None,
+        help="classes of the label embedding, which holds one more row for the guidance null class (default: "
+        "1000, ImageNet's; DiT-debug 10); the synthetic dataset draws labels 0..N-1 of its 1000",
     )  # fmt: skip
     model.add_argument(
         "--block", choices=BLOCK_TYPES, default="adaLN-Zero", help="conditioning variant (default: %(default)s)"
@@ -194,8 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_image_size(model: str) -> int:
-    return DIT_CONFIGS[model].input_size * 8
+def fill_model_defaults(args: argparse.Namespace) -> None:
+    """--image-size and --num-classes left out take the model config's (256px and 1000 for the paper's models)."""
+    config = DIT_CONFIGS[args.model]
+    if args.image_size is None:
+        args.image_size = config.input_size * VAE_DOWNSAMPLE
+    if args.num_classes is None:
+        args.num_classes = config.num_classes
 
 
 def check_image_size_for(model: str, image_size: int) -> None:
@@ -228,7 +242,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
             f"{world_size} (each rank takes an equal share); e.g. {example}"
         )
     positive = {"--epochs": args.epochs, "--ckpt-every": args.ckpt_every, "--log-every": args.log_every,
-                "--lr": args.lr, "--synthetic-size": args.synthetic_size}  # fmt: skip
+                "--lr": args.lr, "--synthetic-size": args.synthetic_size,
+                "--num-classes": args.num_classes}  # fmt: skip
     if args.max_steps is not None:
         positive["--max-steps"] = args.max_steps
     if args.max_grad_norm is not None:
@@ -248,6 +263,11 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         raise UsageError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
     if args.data_path and args.latents:
         raise UsageError("pass either --data-path (images, encoded online) or --latents (pre-extracted), not both")
+    if not (args.data_path or args.latents) and args.num_classes > MAX_CLASSES:
+        raise UsageError(
+            f"--num-classes {args.num_classes} is more than the synthetic dataset's {MAX_CLASSES} classes; pass at "
+            f"most {MAX_CLASSES}, or train on --data-path / --latents"
+        )
     if args.data_path and not Path(args.data_path).is_dir():
         raise UsageError(
             f"--data-path {args.data_path!r} is not a directory; pass an ImageNet-layout folder <root>/<class>/<image>"
@@ -275,9 +295,7 @@ def check_latents(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--latents {args.latents!r} holds {meta['image_size']}px latents, but --image-size is {args.image_size}"
         )
-    num_classes = DIT_CONFIGS[args.model].num_classes
-    if len(meta["classes"]) > num_classes:
-        raise UsageError(f"--latents has {len(meta['classes'])} classes, more than {args.model}'s {num_classes}")
+    check_dataset_classes("--latents", args.latents, len(meta["classes"]), args.num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,6 +330,8 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 def check_resumable(saved: dict, current: dict, path: Path) -> None:
+    """The checkpoint's run settings (RESUMED_RUN_KEYS) must be this run's."""
+    saved = dict(saved, **saved_model_kwargs(saved))  # checkpoints from before --num-classes hold no class count
     differing = [
         f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in RESUMED_RUN_KEYS if saved.get(key) != current[key]
     ]
@@ -346,8 +366,7 @@ def oom_message(args: argparse.Namespace, env: DistEnv) -> str:
 def train(args: argparse.Namespace, hooks: TrainHooks | None = None) -> TrainSummary:
     """Run (or resume) training as the arguments say; every rank calls it."""
     hooks = hooks or TrainHooks()
-    if args.image_size is None:
-        args.image_size = default_image_size(args.model)
+    fill_model_defaults(args)
     if args.deterministic:
         set_deterministic()
     with distributed() as env:
@@ -372,16 +391,16 @@ def run_training(
     on_cuda = env.device.type == "cuda"
     fused = on_cuda if args.fused is None else args.fused
     compile_blocks = on_cuda if args.compile is None else args.compile
-    cfg = get_config(args.model, image_size=args.image_size, block=args.block)
-    source = make_data_source(args, cfg.num_classes, env, hooks)
-    identity = {"model": args.model, "image_size": args.image_size, "block": args.block, "data": source.kind,
-                "dataset_size": len(source.dataset), "global_batch_size": args.global_batch_size,
-                "global_seed": args.global_seed}  # fmt: skip
+    cfg = get_config(args.model, image_size=args.image_size, block=args.block, num_classes=args.num_classes)
+    source = make_data_source(args, env, hooks)
+    identity = {"model": args.model, "image_size": args.image_size, "block": args.block,
+                "num_classes": args.num_classes, "data": source.kind, "dataset_size": len(source.dataset),
+                "global_batch_size": args.global_batch_size, "global_seed": args.global_seed}  # fmt: skip
     if resume_from is not None:
         check_resumable(read_trainer_state(resume_from), identity, resume_from)
     model = build_fsdp_model(
-        args.model, env, args.global_seed, image_size=args.image_size, block=args.block, attn=args.attn, fused=fused,
-        grad_ckpt=args.grad_ckpt, compile_blocks=compile_blocks,
+        args.model, env, args.global_seed, image_size=args.image_size, block=args.block, num_classes=args.num_classes,
+        attn=args.attn, fused=fused, grad_ckpt=args.grad_ckpt, compile_blocks=compile_blocks,
     )  # fmt: skip
     optimizer = make_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], args.lr, env.device)
     ema = ShardedEMA(model, args.ema_decay)
@@ -404,9 +423,9 @@ def run_training(
     latent_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     logger.info("arguments: %s", json.dumps(vars(args)))
     logger.info(
-        "%s at %dpx (%s, %.1fM parameters, %.1f GFLOP per training image) on %d x %s; fused %s, compile %s, "
-        "grad-ckpt %s; data: %s (%d items, %d steps per epoch); global batch %d; %s",
-        args.model, args.image_size, args.block, sum(p.numel() for p in model.parameters()) / 1e6,
+        "%s at %dpx (%s, %d classes, %.1fM parameters, %.1f GFLOP per training image) on %d x %s; fused %s, "
+        "compile %s, grad-ckpt %s; data: %s (%d items, %d steps per epoch); global batch %d; %s",
+        args.model, args.image_size, args.block, args.num_classes, sum(p.numel() for p in model.parameters()) / 1e6,
         flops_per_image / 1e9, env.world_size, torch.cuda.get_device_name(env.device) if on_cuda else "CPU", fused,
         compile_blocks, args.grad_ckpt, source.kind, len(source.dataset), sampler.batches_per_epoch,
         args.global_batch_size, f"resumed from {resume_from} at step {step}" if resume_from else "from scratch",

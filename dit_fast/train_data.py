@@ -115,7 +115,17 @@ def load_vae(source: str, device: torch.device, encode: bool):
         raise UsageError(f"--vae {source!r}: {error}") from None
 
 
-def make_data_source(args: argparse.Namespace, num_classes: int, env: DistEnv, hooks: TrainHooks) -> DataSource:
+def check_dataset_classes(flag: str, path: str, dataset_classes: int, num_classes: int) -> None:
+    """A dataset's labels 0..dataset_classes-1 must all index the model's label embedding (--num-classes rows)."""
+    if dataset_classes > num_classes:
+        raise UsageError(
+            f"{flag} {path!r} has {dataset_classes} classes, so labels up to {dataset_classes - 1}, but --num-classes "
+            f"{num_classes} takes labels in [0, {num_classes}); pass --num-classes {dataset_classes} (or more)"
+        )
+
+
+def make_data_source(args: argparse.Namespace, env: DistEnv, hooks: TrainHooks) -> DataSource:
+    """The dataset the arguments name; the synthetic one draws labels from the first --num-classes of its classes."""
     if args.latents:
         try:
             dataset = LatentShards(args.latents)
@@ -132,11 +142,12 @@ def make_data_source(args: argparse.Namespace, num_classes: int, env: DistEnv, h
             folder = ImageFolder(args.data_path, args.image_size)
         except FileNotFoundError as error:  # no class folders with images
             raise UsageError(f"--data-path: {error}") from None
-        if len(folder.classes) > num_classes:
-            raise UsageError(f"--data-path has {len(folder.classes)} classes, more than the model's {num_classes}")
+        check_dataset_classes("--data-path", args.data_path, len(folder.classes), args.num_classes)
         vae = hooks.vae if hooks.vae is not None else load_vae(args.vae or DEFAULT_VAE, env.device, encode=True)
         return DataSource("images", folder, vae)
-    dataset = SyntheticLatents(num_classes, args.image_size, args.synthetic_size, latent=True, seed=args.global_seed)
+    dataset = SyntheticLatents(
+        args.num_classes, args.image_size, args.synthetic_size, latent=True, seed=args.global_seed
+    )
     return DataSource("synthetic", dataset, hooks.vae)
 
 

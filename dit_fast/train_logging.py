@@ -106,7 +106,9 @@ def sample_grid(
     if env.is_main:
         from dit_fast.pipeline import Pipeline  # the project's one sampling loop
 
-        model = create_model(args.model, image_size=args.image_size, block=args.block, attn="sdpa")
+        model = create_model(
+            args.model, image_size=args.image_size, block=args.block, num_classes=args.num_classes, attn="sdpa"
+        )
         load_checked(model, state, source="the EMA weights")
         del state
         pipe = Pipeline(model, vae=source.vae, device=env.device, cuda_graph=False)

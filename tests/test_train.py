@@ -16,7 +16,7 @@ from dit_fast.export import read_ema_state
 from dit_fast.model import create_model
 from dit_fast.parallel import DistEnv, build_fsdp_model, distributed
 from dit_fast.pipeline import Pipeline
-from dit_fast.train import build_parser, check_args, main
+from dit_fast.train import build_parser, check_args, fill_model_defaults, main
 from dit_fast.train_data import DataPosition, GlobalBatchSampler, draw_step_randomness, next_position
 from dit_fast.train_errors import UsageError
 from dit_fast.train_hooks import TrainHooks
@@ -77,7 +77,7 @@ def test_missing_optional_packages_are_named(flags, module, expected, capsys, tm
 
 def test_global_batch_must_split_over_ranks():
     args = build_parser().parse_args(["--model", "DiT-debug", "--global-batch-size", "256"])
-    args.image_size = 64
+    fill_model_defaults(args)
     with pytest.raises(UsageError, match="--global-batch-size 256 must be a positive multiple of the world size 3"):
         check_args(args, world_size=3)
     check_args(args, world_size=4)
