@@ -1,14 +1,14 @@
 """Launch-config sweep of the adaLN kernels on one GPU: which tile, warps and chunk size move the most bytes.
 
-For ln_modulate, gated_residual_ln_modulate and gated_residual, forward and backward, at DiT-XL/2 width
+For ln_modulate, gated_residual_ln_modulate and gated_residual, forward and backward (final_layer: its two
+backward kernels' blocks and warps, one kernel's varied at a time), at DiT-XL/2 width
 (D = 1152, bf16) and B*T = 32768 rows (B=128 T=256, and B=32 T=1024), it times the kernel launchers of
 kernels/ (`_forward` / `_backward`) with the default launch rule and with each config of a small grid,
 next to Inductor's compiled reference of the same pass. Every config's outputs are first compared with the
 default config's (bf16 tolerance); a config that disagrees is reported and not timed.
 
-Timing is GPU time without host overhead: CALLS back-to-back calls are captured in one CUDA graph and the
-replay is timed with CUDA events (median of REPLAYS replays, divided by CALLS). Where capture fails (it
-should not), the same calls run eagerly between the events. Every tensor is >= 75 MB, past the 60 MB L2.
+Timing is GPU time without host overhead (bench.environment.graph_time_ms: calls captured in a CUDA graph,
+replays timed with CUDA events). Every tensor is >= 75 MB, past the 60 MB L2.
 GB/s counts the minimal bytes of bench/kernels.py's formulas; copy bandwidth is measured in the same run.
 A profile of final_layer's forward+backward (fused and compiled reference) lists its kernels' GPU times.
 
@@ -20,14 +20,14 @@ from typing import Callable
 
 import torch
 
-from bench.environment import copy_bandwidth_gbps, environment, require_cuda, save_report
+from bench.environment import copy_bandwidth_gbps, environment, graph_time_ms, require_cuda, save_report
 from bench.kernels import OP_CASES
 
+fl = importlib.import_module("dit_fast.kernels.final_layer")
 gr = importlib.import_module("dit_fast.kernels.gated_residual")  # the modules (the package exports functions
 ln = importlib.import_module("dit_fast.kernels.ln_modulate")  # of the same names)
 
 SHAPES = ((128, 256), (32, 1024))
-CALLS, REPLAYS = 10, 7
 LN_FWD = [ln.LaunchConfig(r, w) for r, w in ((1, 8), (1, 4), (1, 2), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8), (8, 16))]
 LN_BWD = [
     ln.LaunchConfig(r, w, c)
@@ -46,39 +46,22 @@ GR_BWD = [
     )
 ]  # fmt: skip
 
-
-def gpu_ms(fn: Callable[[], object]) -> tuple[float, str]:
-    """(ms per call of fn, "graph" or "eager"): CALLS calls in one CUDA graph, median replay time / CALLS."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(CALLS):
-                fn()
-        run, mode = graph.replay, "graph"
-    except Exception:  # capture is not supported by this call: time it eagerly
-        torch.cuda.synchronize()
-
-        def run():
-            for _ in range(CALLS):
-                fn()
-
-        mode = "eager"
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / CALLS)
-    return sorted(times)[REPLAYS // 2], mode
+FL_BWD = [
+    fl.BackwardConfig(dx_block_m=m, dx_block_k=k, dx_warps=w)
+    for m, k, w in ((64, 128, 8), (32, 256, 8), (64, 64, 4), (16, 128, 4), (32, 128, 8), (64, 256, 8), (128, 128, 8), (16, 256, 4))
+] + [
+    fl.BackwardConfig(dweight_block_n=n, dweight_block_k=k, dweight_warps=w, dweight_programs=programs)
+    for n, k, w, programs in (
+        (64, 64, 8, 1024), (64, 128, 8, 1024), (128, 64, 8, 1024), (64, 64, 4, 2048), (128, 128, 8, 512),
+        (32, 64, 4, 2048), (64, 128, 4, 2048), (128, 128, 8, 2048),
+    )
+]  # fmt: skip
+GRIDS = {  # op: (forward configs, backward configs)
+    "ln_modulate": (LN_FWD, LN_BWD),
+    "gated_residual_ln_modulate": (LN_FWD, LN_BWD),
+    "gated_residual": (GR_FWD, GR_BWD),
+    "final_layer": ([], FL_BWD),
+}
 
 
 def _inputs(op: str, B: int, T: int) -> dict:
@@ -89,6 +72,11 @@ def _inputs(op: str, B: int, T: int) -> dict:
 def _launchers(op: str, inputs: dict, grad: dict) -> tuple[Callable, Callable]:
     """(forward(config), backward(config)) calling the op's kernel launchers directly, no autograd."""
     x, shift, scale = inputs["x"].detach(), inputs.get("shift"), inputs.get("scale")
+    if op == "final_layer":
+        shift, scale, weight, bias = (inputs[n].detach() for n in ("shift", "scale", "weight", "bias"))
+        _, mean, rstd = fl._launch_forward(x, shift, scale, weight, bias, 1e-6)
+        grad_out = grad["out"][..., : weight.shape[0]].contiguous()  # (B, T, O)
+        return (None, lambda c: fl._launch_backward(grad_out, x, shift, scale, weight, mean, rstd, c or fl.BackwardConfig()))
     if op == "gated_residual":
         y, gate = inputs["y"].detach(), inputs["gate"].detach()
         return (lambda c: gr._forward(x, y, gate, c), lambda c: gr._backward(grad["out"], y, gate, c))
@@ -131,14 +119,16 @@ def sweep_case(op: str, B: int, T: int, copy_gbps: float) -> list[dict]:
     x = inputs["x"]
     grad = {"out": torch.randn_like(x), "h": torch.randn_like(x), "x_new": torch.randn_like(x)}
     forward, backward = _launchers(op, inputs, grad)
-    grids = {"ln_modulate": (LN_FWD, LN_BWD), "gated_residual_ln_modulate": (LN_FWD, LN_BWD), "gated_residual": (GR_FWD, GR_BWD)}[op]
+    grids = GRIDS[op]
     compiled_fwd, compiled_bwd = _compiled_passes(op, inputs)
     rows = []
     for pas, launch, configs, nbytes, compiled in (
         ("fwd", forward, grids[0], case.forward_bytes(B, T), compiled_fwd),
         ("bwd", backward, grids[1], case.backward_bytes(B, T), compiled_bwd),
     ):
-        ms, mode = gpu_ms(compiled)
+        if not configs:
+            continue
+        ms, mode = graph_time_ms(compiled)
         rows.append(_row(op, B, T, pas, "compiled", ms, mode, nbytes, copy_gbps))
         expected = [t for t in launch(None) if t is not None]
         for config in [None, *configs]:
@@ -147,7 +137,7 @@ def sweep_case(op: str, B: int, T: int, copy_gbps: float) -> list[dict]:
                 if not _agree([t for t in launch(config) if t is not None], expected):
                     rows.append({"op": op, "B": B, "T": T, "pass": pas, "impl": label, "error": "outputs disagree"})
                     continue
-                ms, mode = gpu_ms(lambda: launch(config))
+                ms, mode = graph_time_ms(lambda: launch(config))
             except Exception as error:  # a config the compiler rejects (registers, shared memory): report it
                 rows.append({"op": op, "B": B, "T": T, "pass": pas, "impl": label, "error": repr(error)[:200]})
                 continue
@@ -195,7 +185,7 @@ def final_layer_profile(B: int = 256, T: int = 256) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernel_sweep-<gpu>.json)")
-    parser.add_argument("--ops", nargs="+", default=["ln_modulate", "gated_residual_ln_modulate", "gated_residual"])
+    parser.add_argument("--ops", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = parser.parse_args(argv)
     require_cuda("bench/kernel_sweep.py")
     torch.manual_seed(0)

@@ -39,6 +39,8 @@ torch.compile: the op and its backward are torch.library.triton_ops, so compiled
 break on the GPU. Under TRITON_INTERPRET=1 (CPU) the launchers call the interpreted kernels directly, so
 eager calls work there and torch.compile does not.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -268,10 +270,19 @@ def _final_layer_bwd_dweight_kernel(
 
 
 ROW_PROGRAM_WARPS = 4
-DWEIGHT_WARPS = 8
-DWEIGHT_BLOCK_N = 64
 TILE_BYTES = 32 * 1024  # largest (BLOCK_O, BLOCK_K) tile of weight or dout loaded for one tl.dot
-DWEIGHT_TARGET_PROGRAMS = 256  # enough programs to fill an H100/H200 twice; fixed so results never depend on the GPU
+
+
+class BackwardConfig(NamedTuple):
+    """Launch parameters of the two backward kernels (the defaults are the rule in the module docstring)."""
+
+    dx_block_m: int = 0  # tokens per dx program; 0: _row_block_m(T)
+    dx_block_k: int = 128  # cap of the dx kernel's column chunk
+    dx_warps: int = ROW_PROGRAM_WARPS
+    dweight_block_n: int = 64  # rows per dweight step
+    dweight_block_k: int = 64  # cap of the dweight column tile
+    dweight_warps: int = 8
+    dweight_programs: int = 256  # about this many dweight programs; fixed so results never depend on the GPU
 
 
 def _row_block_m(T: int) -> int:
@@ -373,8 +384,11 @@ def _launch_forward(x, shift, scale, weight, bias, eps):
     return out.view(B, T, O), mean, rstd
 
 
-def _launch_backward(grad_out, x, shift, scale, weight, mean, rstd):
-    """Run the dx and dweight kernels and finish their partials; returns dx, dshift, dscale, dweight, dbias."""
+def _launch_backward(grad_out, x, shift, scale, weight, mean, rstd, config: BackwardConfig = BackwardConfig()):
+    """Run the dx and dweight kernels and finish their partials; returns dx, dshift, dscale, dweight, dbias.
+
+    `config` overrides the launch rule (bench/kernel_sweep.py times alternatives that way).
+    """
     B, T, D = x.shape
     O = weight.shape[0]
     N = B * T
@@ -385,8 +399,8 @@ def _launch_backward(grad_out, x, shift, scale, weight, mean, rstd):
     x2d = _rows_2d(x, D)  # (N, D)
     dout2d = _rows_2d(grad_out.to(x.dtype), O)  # (N, O)
 
-    block_m = _row_block_m(T)
-    block_k = _block_k(D, 128)
+    block_m = config.dx_block_m or _row_block_m(T)
+    block_k = _block_k(D, config.dx_block_k)
     t_chunks = triton.cdiv(T, block_m)
     dx = torch.empty((N, D), device=x.device, dtype=x.dtype)  # (N, D)
     dshift_part = torch.empty((B, t_chunks, D), device=x.device, dtype=stats_dtype)  # (B, T-chunks, D)
@@ -396,15 +410,16 @@ def _launch_backward(grad_out, x, shift, scale, weight, mean, rstd):
         T, D, O,
         dout2d.stride(0), x2d.stride(0), scale.stride(0), scale.stride(1), weight.stride(0), weight.stride(1),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=_block_o(O, max(block_m, block_k), x.dtype),
-        WIDE_DOT=wide_dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=ROW_PROGRAM_WARPS,
+        WIDE_DOT=wide_dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=config.dx_warps,
     )
 
-    block_k = _block_k(D, 64)
-    block_o = _block_o(O, max(DWEIGHT_BLOCK_N, block_k), x.dtype)
+    block_n = config.dweight_block_n
+    block_k = _block_k(D, config.dweight_block_k)
+    block_o = _block_o(O, max(block_n, block_k), x.dtype)
     tiles = triton.cdiv(D, block_k) * triton.cdiv(O, block_o)
-    row_blocks = triton.cdiv(N, DWEIGHT_BLOCK_N)
-    splits = max(1, min(row_blocks, triton.cdiv(DWEIGHT_TARGET_PROGRAMS, tiles)))
-    rows_per_split = triton.cdiv(row_blocks, splits) * DWEIGHT_BLOCK_N
+    row_blocks = triton.cdiv(N, block_n)
+    splits = max(1, min(row_blocks, triton.cdiv(config.dweight_programs, tiles)))
+    rows_per_split = triton.cdiv(row_blocks, splits) * block_n
     splits = triton.cdiv(N, rows_per_split)
     dweight_part = torch.empty((splits, O, D), device=x.device, dtype=stats_dtype)  # (splits, O, D)
     dbias_part = torch.empty((splits, O), device=x.device, dtype=stats_dtype)  # (splits, O)
@@ -412,8 +427,8 @@ def _launch_backward(grad_out, x, shift, scale, weight, mean, rstd):
         dout2d, x2d, shift, scale, mean, rstd, dweight_part, dbias_part,
         N, T, D, O, rows_per_split,
         dout2d.stride(0), x2d.stride(0), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
-        BLOCK_N=DWEIGHT_BLOCK_N, BLOCK_K=block_k, BLOCK_O=block_o,
-        WIDE_DOT=wide_dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=DWEIGHT_WARPS,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_O=block_o,
+        WIDE_DOT=wide_dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=config.dweight_warps,
     )
     return (
         dx.view(B, T, D),
