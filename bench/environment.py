@@ -71,42 +71,22 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float
     return sorted(times)[len(times) // 2]
 
 
-def graph_time_ms(fn: Callable[[], object], calls: int = 10, replays: int = 7) -> tuple[float, str]:
-    """(GPU ms per call of fn, "graph" or "eager"), host overhead excluded.
-
-    `calls` back-to-back calls are captured in one CUDA graph (after warm-up calls on a side stream) and the
-    median replay time over `replays` replays, divided by `calls`, is returned. Where fn cannot be captured,
-    the same calls run eagerly between the events (host overhead then counts where the GPU waits for it).
+def kernel_time_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """GPU ms per call of fn: the summed device time of every kernel, copy and memset that `calls` calls
+    launch, under torch.profiler, after warm-up calls. Host overhead (Python, autograd, op dispatch) and the
+    gaps it leaves do not count: in a training step the host runs ahead of the GPU and hides them.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
 
-    def run_eagerly():
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
-
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run_eagerly()
-        run, mode = graph.replay, "graph"
-    except Exception:  # not capturable: time the calls eagerly
         torch.cuda.synchronize()
-        run, mode = run_eagerly, "eager"
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[replays // 2], mode
+    device_us = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return device_us / 1e3 / calls
 
 
 def copy_bandwidth_gbps() -> float:

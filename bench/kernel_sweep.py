@@ -1,14 +1,14 @@
 """Launch-config sweep of the adaLN kernels on one GPU: which tile, warps and chunk size move the most bytes.
 
-For ln_modulate, gated_residual_ln_modulate and gated_residual, forward and backward (final_layer: its two
-backward kernels' blocks and warps, one kernel's varied at a time), at DiT-XL/2 width
+For ln_modulate, gated_residual_ln_modulate and gated_residual, forward and backward, at DiT-XL/2 width
 (D = 1152, bf16) and B*T = 32768 rows (B=128 T=256, and B=32 T=1024), it times the kernel launchers of
 kernels/ (`_forward` / `_backward`) with the default launch rule and with each config of a small grid,
 next to Inductor's compiled reference of the same pass. Every config's outputs are first compared with the
 default config's (bf16 tolerance); a config that disagrees is reported and not timed.
 
-Timing is GPU time without host overhead (bench.environment.graph_time_ms: calls captured in a CUDA graph,
-replays timed with CUDA events). Every tensor is >= 75 MB, past the 60 MB L2.
+Timing is GPU time without host overhead (bench.environment.kernel_time_ms: summed kernel device time under
+torch.profiler; the committed H200 run of 2026-11-22 timed replays of CUDA graphs instead, its rows'
+"timing": "graph"). Every tensor is >= 75 MB, past the 60 MB L2.
 GB/s counts the minimal bytes of bench/kernels.py's formulas; copy bandwidth is measured in the same run.
 A profile of final_layer's forward+backward (fused and compiled reference) lists its kernels' GPU times.
 
@@ -20,10 +20,9 @@ from typing import Callable
 
 import torch
 
-from bench.environment import copy_bandwidth_gbps, environment, graph_time_ms, require_cuda, save_report
+from bench.environment import copy_bandwidth_gbps, environment, kernel_time_ms, require_cuda, save_report
 from bench.kernels import OP_CASES
 
-fl = importlib.import_module("dit_fast.kernels.final_layer")
 gr = importlib.import_module("dit_fast.kernels.gated_residual")  # the modules (the package exports functions
 ln = importlib.import_module("dit_fast.kernels.ln_modulate")  # of the same names)
 
@@ -46,21 +45,10 @@ GR_BWD = [
     )
 ]  # fmt: skip
 
-FL_BWD = [
-    fl.BackwardConfig(dx_block_m=m, dx_block_k=k, dx_warps=w)
-    for m, k, w in ((64, 128, 8), (32, 256, 8), (64, 64, 4), (16, 128, 4), (32, 128, 8), (64, 256, 8), (128, 128, 8), (16, 256, 4))
-] + [
-    fl.BackwardConfig(dweight_block_n=n, dweight_block_k=k, dweight_warps=w, dweight_programs=programs)
-    for n, k, w, programs in (
-        (64, 64, 8, 1024), (64, 128, 8, 1024), (128, 64, 8, 1024), (64, 64, 4, 2048), (128, 128, 8, 512),
-        (32, 64, 4, 2048), (64, 128, 4, 2048), (128, 128, 8, 2048),
-    )
-]  # fmt: skip
 GRIDS = {  # op: (forward configs, backward configs)
     "ln_modulate": (LN_FWD, LN_BWD),
     "gated_residual_ln_modulate": (LN_FWD, LN_BWD),
     "gated_residual": (GR_FWD, GR_BWD),
-    "final_layer": ([], FL_BWD),
 }
 
 
@@ -72,11 +60,6 @@ def _inputs(op: str, B: int, T: int) -> dict:
 def _launchers(op: str, inputs: dict, grad: dict) -> tuple[Callable, Callable]:
     """(forward(config), backward(config)) calling the op's kernel launchers directly, no autograd."""
     x, shift, scale = inputs["x"].detach(), inputs.get("shift"), inputs.get("scale")
-    if op == "final_layer":
-        shift, scale, weight, bias = (inputs[n].detach() for n in ("shift", "scale", "weight", "bias"))
-        _, mean, rstd = fl._launch_forward(x, shift, scale, weight, bias, 1e-6)
-        grad_out = grad["out"][..., : weight.shape[0]].contiguous()  # (B, T, O)
-        return (None, lambda c: fl._launch_backward(grad_out, x, shift, scale, weight, mean, rstd, c or fl.BackwardConfig()))
     if op == "gated_residual":
         y, gate = inputs["y"].detach(), inputs["gate"].detach()
         return (lambda c: gr._forward(x, y, gate, c), lambda c: gr._backward(grad["out"], y, gate, c))
@@ -126,10 +109,7 @@ def sweep_case(op: str, B: int, T: int, copy_gbps: float) -> list[dict]:
         ("fwd", forward, grids[0], case.forward_bytes(B, T), compiled_fwd),
         ("bwd", backward, grids[1], case.backward_bytes(B, T), compiled_bwd),
     ):
-        if not configs:
-            continue
-        ms, mode = graph_time_ms(compiled)
-        rows.append(_row(op, B, T, pas, "compiled", ms, mode, nbytes, copy_gbps))
+        rows.append(_row(op, B, T, pas, "compiled", kernel_time_ms(compiled), nbytes, copy_gbps))
         expected = [t for t in launch(None) if t is not None]
         for config in [None, *configs]:
             label = "default" if config is None else str(tuple(config))
@@ -137,22 +117,22 @@ def sweep_case(op: str, B: int, T: int, copy_gbps: float) -> list[dict]:
                 if not _agree([t for t in launch(config) if t is not None], expected):
                     rows.append({"op": op, "B": B, "T": T, "pass": pas, "impl": label, "error": "outputs disagree"})
                     continue
-                ms, mode = graph_time_ms(lambda: launch(config))
+                ms = kernel_time_ms(lambda: launch(config))
             except Exception as error:  # a config the compiler rejects (registers, shared memory): report it
                 rows.append({"op": op, "B": B, "T": T, "pass": pas, "impl": label, "error": repr(error)[:200]})
                 continue
-            rows.append(_row(op, B, T, pas, label, ms, mode, nbytes, copy_gbps))
+            rows.append(_row(op, B, T, pas, label, ms, nbytes, copy_gbps))
             print(_line(rows[-1]), flush=True)
     return rows
 
 
-def _row(op, B, T, pas, impl, ms, mode, nbytes, copy_gbps) -> dict:
+def _row(op, B, T, pas, impl, ms, nbytes, copy_gbps) -> dict:
     gbps = nbytes / ms / 1e6
-    return {"op": op, "B": B, "T": T, "pass": pas, "impl": impl, "ms": ms, "timing": mode, "gbps": gbps, "copy_fraction": gbps / copy_gbps}
+    return {"op": op, "B": B, "T": T, "pass": pas, "impl": impl, "ms": ms, "gbps": gbps, "copy_fraction": gbps / copy_gbps}
 
 
 def _line(row: dict) -> str:
-    return f"{row['op']:28s} B={row['B']:<4d} T={row['T']:<5d} {row['pass']:4s} {row['impl']:20s} {row['ms']:.4f} ms {row['copy_fraction']:.0%} ({row['timing']})"
+    return f"{row['op']:28s} B={row['B']:<4d} T={row['T']:<5d} {row['pass']:4s} {row['impl']:20s} {row['ms']:.4f} ms {row['copy_fraction']:.0%}"
 
 
 def final_layer_profile(B: int = 256, T: int = 256) -> dict:

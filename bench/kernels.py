@@ -3,10 +3,10 @@
 Ops: ln_modulate, gated_residual_ln_modulate, gated_residual, final_layer, at DiT-XL/2 widths (D = 1152,
 final layer O = 32): 256px (T = 256) with B = 128 and 256, 512px (T = 1024) with B = 32 and 64. Each is
 timed forward (recording autograd, as in training), backward (autograd.grad of a retained graph) and
-forward+backward, as GPU time: 10 calls captured in a CUDA graph, replayed (bench.environment.graph_time_ms),
-so the host overhead of eager autograd and op dispatch, hidden behind the GPU in a real training step,
-does not count (figures before 2026-11-22 used triton.testing.do_bench, which counted it where the GPU
-waited for it). Every activation here is >= 75 MB, past the H200's L2. Compile time of the Inductor reference is measured apart (first forward+backward call).
+forward+backward, as GPU time: the summed device time of the kernels of 10 calls under torch.profiler
+(bench.environment.kernel_time_ms), so the host overhead of eager autograd and op dispatch, hidden behind
+the GPU in a real training step, does not count (figures before 2026-11-22 used triton.testing.do_bench,
+which counted it where the GPU waited for it). Every activation here is >= 75 MB, past the H200's L2. Compile time of the Inductor reference is measured apart (first forward+backward call).
 Bandwidth is the op's minimal traffic (the bytes formulas in OP_CASES, the same for all three
 implementations) over the median time, and its ratio to the device copy bandwidth measured in the same
 process (a large device-to-device copy, read + write bytes).
@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from bench.environment import benchmark_main, copy_bandwidth_gbps, git_commit, graph_time_ms
+from bench.environment import benchmark_main, copy_bandwidth_gbps, git_commit, kernel_time_ms
 
 from dit_fast.kernels import (
     final_layer,
@@ -156,7 +156,7 @@ def _as_tuple(out) -> tuple:
 
 
 def time_passes(fn: Callable, inputs: dict) -> dict:
-    """GPU ms and timing mode of fn's forward, of its backward alone (retained graph) and of forward+backward."""
+    """GPU ms of fn's forward, of its backward alone (retained graph) and of forward+backward."""
     leaves = list(inputs.values())
     outputs = _as_tuple(fn(**inputs))
     cotangents = [torch.randn_like(o) for o in outputs]
@@ -170,7 +170,7 @@ def time_passes(fn: Callable, inputs: dict) -> dict:
     def forward_backward():
         torch.autograd.grad(_as_tuple(fn(**inputs)), leaves, cotangents)
 
-    timings = {name: graph_time_ms(f) for name, f in (("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward))}
+    timings = {name: kernel_time_ms(f) for name, f in (("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward))}
     del outputs
     return timings
 
@@ -210,13 +210,12 @@ def _run(quick: bool, triton_version: str) -> dict:
             pass_bytes = {"fwd": case.forward_bytes(B, T), "bwd": case.backward_bytes(B, T)}
             pass_bytes["fwd+bwd"] = pass_bytes["fwd"] + pass_bytes["bwd"]
             for impl, fn in implementations.items():
-                for mode, (ms, timing) in time_passes(fn, inputs).items():
+                for mode, ms in time_passes(fn, inputs).items():
                     gbps = pass_bytes[mode] / (ms * 1e-3) / 1e9
                     results.append(
                         {
                             "op": case.name, "B": B, "T": T, "D": WIDTH, "impl": impl, "pass": mode, "ms": ms,
                             "bytes": pass_bytes[mode], "GBps": gbps, "fraction_of_copy_bandwidth": gbps / copy_gbps,
-                            "timing": timing,
                         }
                     )  # fmt: skip
             del inputs, compiled
@@ -234,7 +233,7 @@ def _run(quick: bool, triton_version: str) -> dict:
         "shapes": [{"B": B, "T": T} for B, T in (QUICK_SHAPES if quick else SHAPES)],
         "copy_bandwidth_GBps": copy_gbps,
         "copy_bytes_formula": "2 * 2**31 (read + write of a 2 GiB device-to-device copy)",
-        "timing": "GPU time: 10 calls captured in a CUDA graph, median of 7 replays / 10 (bench.environment.graph_time_ms)",
+        "timing": "GPU time: summed kernel device time of 10 calls under torch.profiler / 10 (bench.environment.kernel_time_ms)",
         "compile_seconds": compile_times,
         "results": results,
     }

@@ -4,33 +4,26 @@ LayerNorm has no affine parameters; statistics are fp32 (fp64 for fp64 inputs, w
 shift and scale are per sample, (B, D), broadcast over the T tokens, and are read through any strides,
 so the views that `mod.chunk(2, dim=1)` gives are used without a copy.
 
-Kernels and grids (no atomics anywhere; every reduction has a fixed order, so results are bit-identical
-run to run):
-- forward, grid (T-chunks, B): a program owns BLOCK_M tokens of one sample. Pass 1 walks D in BLOCK_K
-  chunks and merges per-chunk mean/M2 (Chan's parallel update) into exact row statistics; pass 2 walks D
-  again (the tile is now in L1/L2), rebuilds the modulated tile h in registers and accumulates
-  h @ weight.T with tl.dot, one BLOCK_O slice of the outputs at a time. x is read from HBM once; the
-  normalised activations never leave the chip. mean and rstd are saved for backward.
-- backward dx, grid (T-chunks, B): dh = dout @ weight is formed per (BLOCK_M, BLOCK_K) tile with tl.dot
-  and never stored. Pass 1 accumulates the row sums of dxhat and dxhat * xhat and writes per-program
-  partials of dshift = sum_T dh and dscale = sum_T dh * xhat, (B, T-chunks, D) in fp32; pass 2 rebuilds
-  dh and writes dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
-- backward dweight, grid (D-tiles, O-tiles, row splits): dweight = dout^T @ h with h recomputed from x,
-  mean and rstd; each program covers a fixed range of rows (which may cross samples, so shift and scale
-  are gathered by row // T) and writes fp32 partials (splits, O, D) and dbias partials (splits, O).
-  A second kernel, rather than partials from the dx kernel, keeps the partial buffers small: one
-  (O, D) partial per 32-token program would be several times the size of x.
-Partials are finished with torch.sum over the partial axis (deterministic).
+Forward, one kernel, grid (T-chunks, B): a program owns BLOCK_M tokens of one sample. Pass 1 walks D in
+BLOCK_K chunks and merges per-chunk mean/M2 (Chan's parallel update) into exact row statistics; pass 2 walks
+D again (the tile is now in L1/L2), rebuilds the modulated tile h and accumulates h @ weight.T with tl.dot,
+one BLOCK_O slice of the outputs at a time. x is read from HBM once. h is written once (with the first
+output slice) and saved, with mean and rstd, for the backward: it costs one (B, T, D) write, and spares
+the backward a second pass over x to rebuild it.
 
-Block sizes (fixed rule, no autotuning; tuned for DiT's D=1152 and O in {32, 128, 512}):
-  BLOCK_K = min(128, next_power_of_2(D)) in the row kernels, min(64, ...) in the dweight kernel;
-  BLOCK_M = min(32, next_power_of_2(T)) (at least 16) tokens per row program;
-  BLOCK_O = next_power_of_2(O) (at least 16), capped so that a weight or dout tile, BLOCK_O by the larger
-  of the kernel's other two blocks, is at most 32 KiB (128 x 128 in 16-bit, 64 x 128 in fp32): with the
-  pipeliner's stages that stays well inside Hopper's 227 KiB of shared memory;
-  BLOCK_N = 64 rows per dweight step; num_warps = 4 for the row kernels, 8 for dweight.
-Limits: 1 <= D <= MAX_D = 16384 (ValueError past it: the loops hold no full row in registers, but larger
-rows are untested and every extra D-chunk is re-read per output slice); any O >= 1 (not only powers of
+Backward, no kernel of its own: grad_h = dout @ weight (a cuBLAS product, (B*T, O) x (O, D)); dx, dshift
+and dscale from ln_modulate's backward kernel (kernels/ln_modulate.py: deterministic per-sample sums, no
+atomics); dweight = dout^T @ h (cuBLAS) and dbias = sum of dout in fp32. An earlier design with two
+Triton backward kernels (dh formed per tile with tl.dot and never stored; dweight by split-K over
+rebuilt h) measured 0.32 ms at B=128, T=256 on an H200 against 0.22 ms for Inductor's compiled reference:
+both were latency-bound loops over 128-column chunks (BENCHMARKS.md).
+
+Block sizes of the forward (fixed rule, no autotuning; tuned for DiT's D=1152 and O in {32, 128, 512}):
+  BLOCK_K = min(128, next_power_of_2(D)); BLOCK_M = min(32, next_power_of_2(T)) (at least 16) tokens;
+  BLOCK_O = next_power_of_2(O) (at least 16), capped so that a weight tile, BLOCK_O by the larger of the
+  other two blocks, is at most 32 KiB: with the pipeliner's stages that stays well inside Hopper's
+  227 KiB of shared memory; num_warps = 4.
+Limits: 1 <= D <= MAX_D = 8192, ln_modulate's bound (ValueError past it); any O >= 1 (not only powers of
 two), with x re-read from cache once per BLOCK_O slice; row offsets are int64, so B*T*D >= 2^31 works.
 All five tensors must share one dtype (fp32, bf16, fp16, or fp64); fp32 products use
 input_precision="ieee" so TF32 never rounds them.
@@ -39,15 +32,16 @@ torch.compile: the op and its backward are torch.library.triton_ops, so compiled
 break on the GPU. Under TRITON_INTERPRET=1 (CPU) the launchers call the interpreted kernels directly, so
 eager calls work there and torch.compile does not.
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
-MAX_D = 16384
+from .ln_modulate import MAX_BLOCK_D
+from .ln_modulate import _backward as ln_modulate_backward
+
+MAX_D = MAX_BLOCK_D
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -59,6 +53,7 @@ def _final_layer_fwd_kernel(
     W_ptr,  # (O, D) nn.Linear weight, any strides
     BIAS_ptr,  # (O,)
     OUT_ptr,  # (N, O) contiguous
+    H_ptr,  # (N, D) contiguous: the modulated norm, saved for the backward's weight gradient
     MEAN_ptr,  # (N,) fp32 (fp64 for fp64 inputs)
     RSTD_ptr,  # (N,)
     T, D, O,
@@ -110,6 +105,8 @@ def _final_layer_fwd_kernel(
             scale = tl.load(scale_ptrs + cols * stride_scale_d, mask=col_mask, other=0.0).to(stats_dtype)
             xhat = (x.to(stats_dtype) - mean[:, None]) * rstd[:, None]
             h = xhat * (1.0 + scale[None, :]) + shift[None, :]  # (BLOCK_M, BLOCK_K)
+            tl.store(H_ptr + rows[:, None] * D + cols[None, :], h.to(H_ptr.dtype.element_ty),
+                     mask=token_mask[:, None] & col_mask[None, :] & (o0 == 0))  # once, with the first slice
             w_t = tl.load(  # (BLOCK_K, BLOCK_O): weight read transposed
                 W_ptr + outs[None, :] * stride_w_o + cols[:, None] * stride_w_d,
                 mask=col_mask[:, None] & out_mask[None, :], other=0.0,
@@ -124,165 +121,8 @@ def _final_layer_fwd_kernel(
         )
 
 
-@triton.jit
-def _dh_tile(
-    DOUT_ptr, W_ptr, rows, token_mask, cols, col_mask, O, stride_dout_row, stride_w_o, stride_w_d,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-    WIDE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 (never rounded to TF32), "tf32" (a no-op) for 16-bit
-):
-    """dh = dout @ weight for BLOCK_M rows and BLOCK_K columns, summed over all outputs in BLOCK_O steps."""
-    stats_dtype = tl.float64 if W_ptr.dtype.element_ty == tl.float64 else tl.float32
-    dot_dtype = stats_dtype if WIDE_DOT else W_ptr.dtype.element_ty  # tl.dot operands
-    dh = tl.zeros((BLOCK_M, BLOCK_K), dtype=stats_dtype)
-    for o0 in range(0, O, BLOCK_O):
-        outs = o0 + tl.arange(0, BLOCK_O)
-        out_mask = outs < O
-        dout = tl.load(  # (BLOCK_M, BLOCK_O)
-            DOUT_ptr + rows[:, None] * stride_dout_row + outs[None, :],
-            mask=token_mask[:, None] & out_mask[None, :], other=0.0,
-        )
-        w = tl.load(  # (BLOCK_O, BLOCK_K)
-            W_ptr + outs[:, None] * stride_w_o + cols[None, :] * stride_w_d,
-            mask=out_mask[:, None] & col_mask[None, :], other=0.0,
-        )
-        dh = tl.dot(dout.to(dot_dtype), w.to(dot_dtype), dh, input_precision=DOT_PRECISION, out_dtype=stats_dtype)
-    return dh
-
-
-@triton.jit
-def _final_layer_bwd_dx_kernel(
-    DOUT_ptr,  # (N, O) unit column stride
-    X_ptr,  # (N, D) unit column stride
-    SCALE_ptr,  # (B, D) any strides
-    W_ptr,  # (O, D) any strides
-    MEAN_ptr,  # (N,) fp32
-    RSTD_ptr,  # (N,) fp32
-    DX_ptr,  # (N, D) contiguous
-    DSHIFT_PART_ptr,  # (B, T-chunks, D) fp32 partial sums over each program's tokens
-    DSCALE_PART_ptr,  # (B, T-chunks, D) fp32
-    T, D, O,
-    stride_dout_row, stride_x_row, stride_scale_b, stride_scale_d, stride_w_o, stride_w_d,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-    WIDE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 (never rounded to TF32), "tf32" (a no-op) for 16-bit
-):
-    """dx for BLOCK_M tokens of one sample, plus that program's partials of dshift and dscale."""
-    stats_dtype = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
-    dot_dtype = stats_dtype if WIDE_DOT else X_ptr.dtype.element_ty  # tl.dot operands
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1).to(tl.int64)
-    tokens = chunk * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    token_mask = tokens < T
-    rows = sample * T + tokens  # (BLOCK_M,) int64
-    mean = tl.load(MEAN_ptr + rows, mask=token_mask, other=0.0)
-    rstd = tl.load(RSTD_ptr + rows, mask=token_mask, other=0.0)
-    scale_ptrs = SCALE_ptr + sample * stride_scale_b
-    partial_offset = (sample * tl.num_programs(0) + chunk) * D
-
-    sum_dxhat = tl.zeros((BLOCK_M,), dtype=stats_dtype)
-    sum_dxhat_xhat = tl.zeros((BLOCK_M,), dtype=stats_dtype)
-    for k0 in range(0, D, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < D
-        x = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :],
-                    mask=token_mask[:, None] & col_mask[None, :], other=0.0)
-        xhat = (x.to(stats_dtype) - mean[:, None]) * rstd[:, None]  # (BLOCK_M, BLOCK_K)
-        scale = tl.load(scale_ptrs + cols * stride_scale_d, mask=col_mask, other=0.0).to(stats_dtype)
-        dh = _dh_tile(DOUT_ptr, W_ptr, rows, token_mask, cols, col_mask, O, stride_dout_row, stride_w_o,
-                      stride_w_d, BLOCK_M, BLOCK_K, BLOCK_O, WIDE_DOT, DOT_PRECISION)
-        dxhat = dh * (1.0 + scale[None, :])
-        sum_dxhat += tl.sum(dxhat, axis=1)
-        sum_dxhat_xhat += tl.sum(dxhat * xhat, axis=1)
-        tl.store(DSHIFT_PART_ptr + partial_offset + cols, tl.sum(dh, axis=0), mask=col_mask)
-        tl.store(DSCALE_PART_ptr + partial_offset + cols, tl.sum(dh * xhat, axis=0), mask=col_mask)
-    mean_dxhat = sum_dxhat / D
-    mean_dxhat_xhat = sum_dxhat_xhat / D
-
-    for k0 in range(0, D, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < D
-        x = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :],
-                    mask=token_mask[:, None] & col_mask[None, :], other=0.0)
-        xhat = (x.to(stats_dtype) - mean[:, None]) * rstd[:, None]  # (BLOCK_M, BLOCK_K)
-        scale = tl.load(scale_ptrs + cols * stride_scale_d, mask=col_mask, other=0.0).to(stats_dtype)
-        dh = _dh_tile(DOUT_ptr, W_ptr, rows, token_mask, cols, col_mask, O, stride_dout_row, stride_w_o,
-                      stride_w_d, BLOCK_M, BLOCK_K, BLOCK_O, WIDE_DOT, DOT_PRECISION)
-        dxhat = dh * (1.0 + scale[None, :])
-        dx = rstd[:, None] * (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None])
-        tl.store(DX_ptr + rows[:, None] * D + cols[None, :], dx.to(DX_ptr.dtype.element_ty),
-                 mask=token_mask[:, None] & col_mask[None, :])
-
-
-@triton.jit
-def _final_layer_bwd_dweight_kernel(
-    DOUT_ptr,  # (N, O) unit column stride
-    X_ptr,  # (N, D) unit column stride
-    SHIFT_ptr,  # (B, D) any strides
-    SCALE_ptr,  # (B, D) any strides
-    MEAN_ptr,  # (N,) fp32
-    RSTD_ptr,  # (N,) fp32
-    DW_PART_ptr,  # (splits, O, D) fp32 partial sums over each split's rows
-    DBIAS_PART_ptr,  # (splits, O) fp32
-    N, T, D, O, rows_per_split,
-    stride_dout_row, stride_x_row, stride_shift_b, stride_shift_d, stride_scale_b, stride_scale_d,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-    WIDE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 (never rounded to TF32), "tf32" (a no-op) for 16-bit
-):
-    """One (BLOCK_O, BLOCK_K) tile of dout^T @ h over one split's rows; the D-tile-0 programs also sum dbias."""
-    stats_dtype = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
-    dot_dtype = stats_dtype if WIDE_DOT else X_ptr.dtype.element_ty  # tl.dot operands
-    col_tile = tl.program_id(0)
-    out_tile = tl.program_id(1)
-    split = tl.program_id(2).to(tl.int64)
-    cols = col_tile * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-    col_mask = cols < D
-    outs = out_tile * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
-    out_mask = outs < O
-
-    dweight = tl.zeros((BLOCK_O, BLOCK_K), dtype=stats_dtype)
-    dbias = tl.zeros((BLOCK_O,), dtype=stats_dtype)
-    first_row = split * rows_per_split
-    for r0 in range(0, rows_per_split, BLOCK_N):
-        rows = first_row + r0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
-        row_mask = rows < N
-        samples = rows // T  # (BLOCK_N,)
-        mean = tl.load(MEAN_ptr + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(RSTD_ptr + rows, mask=row_mask, other=0.0)
-        tile_mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=tile_mask, other=0.0)
-        shift = tl.load(SHIFT_ptr + samples[:, None] * stride_shift_b + cols[None, :] * stride_shift_d,
-                        mask=tile_mask, other=0.0).to(stats_dtype)
-        scale = tl.load(SCALE_ptr + samples[:, None] * stride_scale_b + cols[None, :] * stride_scale_d,
-                        mask=tile_mask, other=0.0).to(stats_dtype)
-        h = (x.to(stats_dtype) - mean[:, None]) * rstd[:, None] * (1.0 + scale) + shift  # (BLOCK_N, BLOCK_K)
-        dout_t = tl.load(  # (BLOCK_O, BLOCK_N): dout read transposed
-            DOUT_ptr + rows[None, :] * stride_dout_row + outs[:, None],
-            mask=out_mask[:, None] & row_mask[None, :], other=0.0,
-        )
-        dweight = tl.dot(dout_t.to(dot_dtype), h.to(dot_dtype), dweight, input_precision=DOT_PRECISION, out_dtype=stats_dtype)
-        dbias += tl.sum(dout_t.to(stats_dtype), axis=1)
-    tl.store(DW_PART_ptr + (split * O + outs[:, None]) * D + cols[None, :], dweight,
-             mask=out_mask[:, None] & col_mask[None, :])
-    if col_tile == 0:
-        tl.store(DBIAS_PART_ptr + split * O + outs, dbias, mask=out_mask)
-
-
 ROW_PROGRAM_WARPS = 4
-TILE_BYTES = 32 * 1024  # largest (BLOCK_O, BLOCK_K) tile of weight or dout loaded for one tl.dot
-
-
-class BackwardConfig(NamedTuple):
-    """Launch parameters of the two backward kernels (the defaults are the rule in the module docstring)."""
-
-    dx_block_m: int = 0  # tokens per dx program; 0: _row_block_m(T)
-    dx_block_k: int = 128  # cap of the dx kernel's column chunk
-    dx_warps: int = ROW_PROGRAM_WARPS
-    dweight_block_n: int = 64  # rows per dweight step
-    dweight_block_k: int = 64  # cap of the dweight column tile
-    dweight_warps: int = 8
-    dweight_programs: int = 256  # about this many dweight programs; fixed so results never depend on the GPU
+TILE_BYTES = 32 * 1024  # largest (BLOCK_O, BLOCK_K) tile of weight loaded for one tl.dot
 
 
 def _row_block_m(T: int) -> int:
@@ -361,19 +201,20 @@ def _check_inputs(x, shift, scale, weight, bias) -> None:
 
 
 def _launch_forward(x, shift, scale, weight, bias, eps):
-    """Check inputs, run the forward kernel; returns out (B, T, O), mean and rstd (B*T,) in fp32."""
+    """Check inputs, run the forward kernel; returns out (B, T, O), h (B, T, D), mean and rstd (B*T,) in fp32."""
     _check_inputs(x, shift, scale, weight, bias)
     B, T, D = x.shape
     O = weight.shape[0]
     x2d = _rows_2d(x, D)  # (N, D)
     out = torch.empty((B * T, O), device=x.device, dtype=x.dtype)  # (N, O)
+    h = torch.empty((B, T, D), device=x.device, dtype=x.dtype)  # (B, T, D)
     mean = torch.empty((B * T,), device=x.device, dtype=_stats_dtype(x.dtype))  # (N,)
     rstd = torch.empty_like(mean)  # (N,)
     block_m = _row_block_m(T)
     block_k = _block_k(D, 128)
     grid = (triton.cdiv(T, block_m), B)
     _launchable(_final_layer_fwd_kernel)[grid](
-        x2d, shift, scale, weight, bias, out, mean, rstd,
+        x2d, shift, scale, weight, bias, out, h, mean, rstd,
         T, D, O,
         x2d.stride(0), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
         weight.stride(0), weight.stride(1),
@@ -381,91 +222,50 @@ def _launch_forward(x, shift, scale, weight, bias, eps):
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=_block_o(O, max(block_m, block_k), x.dtype),
         WIDE_DOT=_wide_dot(x.dtype), DOT_PRECISION=_dot_precision(x.dtype), num_warps=ROW_PROGRAM_WARPS,
     )
-    return out.view(B, T, O), mean, rstd
+    return out.view(B, T, O), h, mean, rstd
 
 
-def _launch_backward(grad_out, x, shift, scale, weight, mean, rstd, config: BackwardConfig = BackwardConfig()):
-    """Run the dx and dweight kernels and finish their partials; returns dx, dshift, dscale, dweight, dbias.
-
-    `config` overrides the launch rule (bench/kernel_sweep.py times alternatives that way).
-    """
+def _launch_backward(grad_out, x, h, scale, weight, mean, rstd):
+    """dx, dshift, dscale, dweight, dbias from the saved x, h, mean and rstd (module docstring)."""
     B, T, D = x.shape
     O = weight.shape[0]
-    N = B * T
     if tuple(grad_out.shape) != (B, T, O):
         raise ValueError(f"grad_out must be (B, T, O) = {(B, T, O)}; got {tuple(grad_out.shape)}")
-    stats_dtype = _stats_dtype(x.dtype)
-    wide_dot = _wide_dot(x.dtype)
-    x2d = _rows_2d(x, D)  # (N, D)
-    dout2d = _rows_2d(grad_out.to(x.dtype), O)  # (N, O)
-
-    block_m = config.dx_block_m or _row_block_m(T)
-    block_k = _block_k(D, config.dx_block_k)
-    t_chunks = triton.cdiv(T, block_m)
-    dx = torch.empty((N, D), device=x.device, dtype=x.dtype)  # (N, D)
-    dshift_part = torch.empty((B, t_chunks, D), device=x.device, dtype=stats_dtype)  # (B, T-chunks, D)
-    dscale_part = torch.empty_like(dshift_part)  # (B, T-chunks, D)
-    _launchable(_final_layer_bwd_dx_kernel)[(t_chunks, B)](
-        dout2d, x2d, scale, weight, mean, rstd, dx, dshift_part, dscale_part,
-        T, D, O,
-        dout2d.stride(0), x2d.stride(0), scale.stride(0), scale.stride(1), weight.stride(0), weight.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=_block_o(O, max(block_m, block_k), x.dtype),
-        WIDE_DOT=wide_dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=config.dx_warps,
-    )
-
-    block_n = config.dweight_block_n
-    block_k = _block_k(D, config.dweight_block_k)
-    block_o = _block_o(O, max(block_n, block_k), x.dtype)
-    tiles = triton.cdiv(D, block_k) * triton.cdiv(O, block_o)
-    row_blocks = triton.cdiv(N, block_n)
-    splits = max(1, min(row_blocks, triton.cdiv(config.dweight_programs, tiles)))
-    rows_per_split = triton.cdiv(row_blocks, splits) * block_n
-    splits = triton.cdiv(N, rows_per_split)
-    dweight_part = torch.empty((splits, O, D), device=x.device, dtype=stats_dtype)  # (splits, O, D)
-    dbias_part = torch.empty((splits, O), device=x.device, dtype=stats_dtype)  # (splits, O)
-    _launchable(_final_layer_bwd_dweight_kernel)[(triton.cdiv(D, block_k), triton.cdiv(O, block_o), splits)](
-        dout2d, x2d, shift, scale, mean, rstd, dweight_part, dbias_part,
-        N, T, D, O, rows_per_split,
-        dout2d.stride(0), x2d.stride(0), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_O=block_o,
-        WIDE_DOT=wide_dot, DOT_PRECISION=_dot_precision(x.dtype), num_warps=config.dweight_warps,
-    )
-    return (
-        dx.view(B, T, D),
-        dshift_part.sum(dim=1).to(shift.dtype),  # (B, D)
-        dscale_part.sum(dim=1).to(scale.dtype),  # (B, D)
-        dweight_part.sum(dim=0).to(weight.dtype),  # (O, D)
-        dbias_part.sum(dim=0).to(weight.dtype),  # (O,)
-    )
+    dout = grad_out.to(x.dtype).reshape(B * T, O)  # (N, O)
+    grad_h = (dout @ weight).view(B, T, D)  # (B, T, D): the linear's input gradient
+    dx, _, _, dshift, dscale = ln_modulate_backward(grad_h, None, x, None, None, scale, mean, rstd)
+    dweight = dout.t() @ h.reshape(B * T, D)  # (O, D)
+    dbias = dout.sum(0, dtype=mean.dtype).to(weight.dtype)  # (O,)
+    return dx, dshift, dscale, dweight, dbias
 
 
 @triton_op("dit_fast::final_layer", mutates_args=())
 def _final_layer_op(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward as a registered op: out (B, T, O) plus the saved mean and rstd (B*T,)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward as a registered op: out (B, T, O) plus the saved h (B, T, D), mean and rstd (B*T,)."""
     return _launch_forward(x, shift, scale, weight, bias, eps)
 
 
 @triton_op("dit_fast::final_layer_backward", mutates_args=())
 def _final_layer_backward_op(
-    grad_out: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+    grad_out: torch.Tensor, x: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward as a registered op, so compiled backward graphs hold it without a break."""
-    return _launch_backward(grad_out, x, shift, scale, weight, mean, rstd)
+    return _launch_backward(grad_out, x, h, scale, weight, mean, rstd)
 
 
 def _setup_context(ctx, inputs, output):
-    x, shift, scale, weight, _bias, _eps = inputs
-    _out, mean, rstd = output
-    ctx.save_for_backward(x, shift, scale, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
+    x, _shift, scale, weight, _bias, _eps = inputs
+    _out, h, mean, rstd = output
+    ctx.save_for_backward(x, h, scale, weight, mean, rstd)
+    ctx.mark_non_differentiable(h, mean, rstd)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    x, shift, scale, weight, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale, dweight, dbias = _final_layer_backward_op(grad_out, x, shift, scale, weight, mean, rstd)
+def _backward(ctx, grad_out, _grad_h, _grad_mean, _grad_rstd):
+    x, h, scale, weight, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale, dweight, dbias = _final_layer_backward_op(grad_out, x, h, scale, weight, mean, rstd)
     return dx, dshift, dscale, dweight, dbias, None
 
 
@@ -480,7 +280,7 @@ def final_layer(
 
     shift, scale: (B, D), per sample (strided chunk views are fine); weight (O, D), bias (O,) as in nn.Linear.
     """
-    out, _mean, _rstd = _final_layer_op(x, shift, scale, weight, bias, eps)
+    out, _h, _mean, _rstd = _final_layer_op(x, shift, scale, weight, bias, eps)
     return out
 
 
