@@ -8,6 +8,7 @@
 #   bash bench/gpu_check.sh train     # bench/train_step.py
 #   bash bench/gpu_check.sh sweep     # bench/kernel_sweep.py: launch configs of the adaLN kernels
 #   bash bench/gpu_check.sh quick     # the GPU test of `python -m bench --quick` (its output kept in $OUT/quick)
+#   bash bench/gpu_check.sh learn     # the DiT-S/4 learning test of train.py (tests/gpu/test_train_gpu.py)
 # Results and logs go to $OUT (default ./gpu_out). Installs the package in place without touching torch.
 set -u
 OUT=${OUT:-gpu_out}
@@ -55,7 +56,10 @@ for stage in "$@"; do
     quick)
       step bench_quick python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=1500 --basetemp="$OUT/quick" \
         tests/gpu/test_bench_quick_gpu.py ;;
-    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train, sweep, quick"; exit 2 ;;
+    learn)
+      step learning_test python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
+        tests/gpu/test_train_gpu.py -k learns ;;
+    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train, sweep, quick, learn"; exit 2 ;;
   esac
 done
 exit $status
