@@ -31,11 +31,13 @@ from dit_fast.model import DiT, create_model
 from dit_fast.train_step import make_optimizer
 
 PAPER_MODELS = tuple(name for name in DIT_CONFIGS if name != "DiT-debug")
-QUICK_MODELS = ("DiT-S/2", "DiT-B/2", "DiT-XL/2")
+QUICK_MODELS = ("DiT-S/2", "DiT-XL/2")
 TRAIN_VARIANTS = ("fast", "reference-eager", "reference-compiled")
+QUICK_TRAIN_VARIANTS = ("fast", "reference-eager")  # --quick: no Inductor compile of the reference (~1 min each)
 TRAIN_BATCHES = (256, 128, 64)  # largest first
 QUICK_TRAIN_BATCHES = (64,)
 SAMPLING_CONFIGS = ("fp32+tf32", "bf16", "bf16+compile", "fast")  # names in bench.sampling.CONFIGS
+QUICK_SAMPLING_CONFIGS = ("bf16", "fast")
 QUICK_TIMED_STEPS = 10
 LEARNING_RATE = 1e-4
 

@@ -17,8 +17,9 @@ suite goes on:
   train_step  bench.train_step.run at batch 256: train.py's step against the original recipe (not with --quick)
   scaling     FSDP weak scaling of DiT-XL/2, bench.train_step under torchrun on 1, 2, 4, 8 GPUs at 128
               images per GPU (with more than one GPU visible; not with --quick)
---quick: training and sampling of DiT-S/2, DiT-B/2 and DiT-XL/2 only, batch 64, fewer timed steps, and the
-quick subsets of kernels and attention. The report lists the targets of BENCHMARKS.md and whether each
+--quick: training (fast and eager reference) and sampling (bf16 eager and fast) of DiT-S/2 and DiT-XL/2 only,
+batch 64, fewer timed steps, no Inductor compile of the references, and the quick subsets of kernels and
+attention. The report lists the targets of BENCHMARKS.md and whether each
 was met. Output: <out-dir>/<gpu>-<date>[-quick].json, .md and -<plot>.png; the exit status is 1 when a
 part failed. Without CUDA the FLOP table is printed with a note that the timing parts need a GPU (exit 0).
 """
@@ -58,9 +59,9 @@ SCALING_GPUS = (1, 2, 4, 8)
 SCALING_STEPS = 15
 SCALING_TIMEOUT_S = 900
 SCALING_FIELDS = ("per_gpu_batch", "global_batch", "median_ms", "img_per_s", "mfu", "peak_mem_gib", "compile_s")
-PER_CONFIG_PARTS = {  # part: (measure(model, variant, quick, peak TFLOP/s) -> row, variants)
-    "training": (configs.measure_training, configs.TRAIN_VARIANTS),
-    "sampling": (configs.measure_sampling, configs.SAMPLING_CONFIGS),
+PER_CONFIG_PARTS = {  # part: (measure(model, variant, quick, peak TFLOP/s) -> row, variants, variants with --quick)
+    "training": (configs.measure_training, configs.TRAIN_VARIANTS, configs.QUICK_TRAIN_VARIANTS),
+    "sampling": (configs.measure_sampling, configs.SAMPLING_CONFIGS, configs.QUICK_SAMPLING_CONFIGS),
 }
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -115,11 +116,11 @@ def weak_scaling_run(gpus: int) -> dict:
 def part_tasks(part: str, quick: bool, models: list[str], gpu_count: int, peak_tflops: float) -> list[Task]:
     """The tasks of one part: one per (model, variant) for training and sampling, per GPU count for scaling."""
     if part in PER_CONFIG_PARTS:
-        measure, variants = PER_CONFIG_PARTS[part]
+        measure, variants, quick_variants = PER_CONFIG_PARTS[part]
         return [
             Task(part, f"{part} {name} {variant}", partial(measure, name, variant, quick, peak_tflops), row=True)
             for name in models
-            for variant in variants
+            for variant in (quick_variants if quick else variants)
         ]
     if part == "scaling":
         return [
