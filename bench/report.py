@@ -8,6 +8,7 @@ import json
 
 RENDERERS = {  # results' "benchmark" field -> (module, markdown function)
     "kernels": ("bench.kernels", "markdown_table"),
+    "kernel_sweep": ("bench.kernel_sweep", "markdown"),
     "attention": ("bench.attention", "markdown_tables"),
     "model": ("bench.model", "markdown"),
     "sampling": ("bench.sampling", "markdown"),

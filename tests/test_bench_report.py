@@ -24,5 +24,5 @@ def test_results_are_committed():
 
 
 def test_unknown_benchmark_is_an_error():
-    with pytest.raises(ValueError, match="unknown benchmark 'nope' in results; known: kernels, attention"):
+    with pytest.raises(ValueError, match="unknown benchmark 'nope' in results; known: kernels, kernel_sweep, attention"):
         render({"benchmark": "nope"})
