@@ -1,6 +1,7 @@
 """Launch-config sweep of the adaLN kernels on one GPU: which tile, warps and chunk size move the most bytes.
 
-For ln_modulate, gated_residual_ln_modulate and gated_residual, forward and backward, at DiT-XL/2 width
+For ln_modulate, gated_residual_ln_modulate and gated_residual, forward and backward (final_layer: its fused
+forward kernel's tokens, column chunk and warps), at DiT-XL/2 width
 (D = 1152, bf16) and B*T = 32768 rows (B=128 T=256, and B=32 T=1024), it times the kernel launchers of
 kernels/ (`_forward` / `_backward`) with the default launch rule and with each config of a small grid,
 next to Inductor's compiled reference of the same pass. Every config's outputs are first compared with the
@@ -23,6 +24,7 @@ import torch
 from bench.environment import copy_bandwidth_gbps, environment, kernel_time_ms, require_cuda, save_report
 from bench.kernels import OP_CASES
 
+fl = importlib.import_module("dit_fast.kernels.final_layer")
 gr = importlib.import_module("dit_fast.kernels.gated_residual")  # the modules (the package exports functions
 ln = importlib.import_module("dit_fast.kernels.ln_modulate")  # of the same names)
 
@@ -45,10 +47,18 @@ GR_BWD = [
     )
 ]  # fmt: skip
 
+FL_FWD = [
+    fl.ForwardConfig(m, k, w)
+    for m, k, w in (
+        (16, 128, 4), (64, 128, 4), (64, 128, 8), (32, 256, 8), (32, 64, 4), (16, 256, 4), (64, 64, 4),
+        (32, 128, 8), (128, 64, 8), (16, 64, 2), (32, 256, 4), (16, 128, 2),
+    )
+]  # fmt: skip
 GRIDS = {  # op: (forward configs, backward configs)
     "ln_modulate": (LN_FWD, LN_BWD),
     "gated_residual_ln_modulate": (LN_FWD, LN_BWD),
     "gated_residual": (GR_FWD, GR_BWD),
+    "final_layer": (FL_FWD, []),
 }
 
 
@@ -60,6 +70,9 @@ def _inputs(op: str, B: int, T: int) -> dict:
 def _launchers(op: str, inputs: dict, grad: dict) -> tuple[Callable, Callable]:
     """(forward(config), backward(config)) calling the op's kernel launchers directly, no autograd."""
     x, shift, scale = inputs["x"].detach(), inputs.get("shift"), inputs.get("scale")
+    if op == "final_layer":
+        shift, scale, weight, bias = (inputs[n].detach() for n in ("shift", "scale", "weight", "bias"))
+        return (lambda c: fl._launch_forward(x, shift, scale, weight, bias, 1e-6, c or fl.ForwardConfig())[:2], None)
     if op == "gated_residual":
         y, gate = inputs["y"].detach(), inputs["gate"].detach()
         return (lambda c: gr._forward(x, y, gate, c), lambda c: gr._backward(grad["out"], y, gate, c))
@@ -109,6 +122,8 @@ def sweep_case(op: str, B: int, T: int, copy_gbps: float) -> list[dict]:
         ("fwd", forward, grids[0], case.forward_bytes(B, T), compiled_fwd),
         ("bwd", backward, grids[1], case.backward_bytes(B, T), compiled_bwd),
     ):
+        if not configs:  # final_layer: forward configs only
+            continue
         rows.append(_row(op, B, T, pas, "compiled", kernel_time_ms(compiled), nbytes, copy_gbps))
         expected = [t for t in launch(None) if t is not None]
         for config in [None, *configs]:

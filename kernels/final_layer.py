@@ -32,6 +32,8 @@ torch.compile: the op and its backward are torch.library.triton_ops, so compiled
 break on the GPU. Under TRITON_INTERPRET=1 (CPU) the launchers call the interpreted kernels directly, so
 eager calls work there and torch.compile does not.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -121,8 +123,15 @@ def _final_layer_fwd_kernel(
         )
 
 
-ROW_PROGRAM_WARPS = 4
 TILE_BYTES = 32 * 1024  # largest (BLOCK_O, BLOCK_K) tile of weight loaded for one tl.dot
+
+
+class ForwardConfig(NamedTuple):
+    """How the forward kernel is launched (the defaults are the rule in the module docstring)."""
+
+    block_m: int = 0  # tokens per program; 0: _row_block_m(T)
+    block_k: int = 128  # cap of the column chunk
+    num_warps: int = 4
 
 
 def _row_block_m(T: int) -> int:
@@ -200,8 +209,11 @@ def _check_inputs(x, shift, scale, weight, bias) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def _launch_forward(x, shift, scale, weight, bias, eps):
-    """Check inputs, run the forward kernel; returns out (B, T, O), h (B, T, D), mean and rstd (B*T,) in fp32."""
+def _launch_forward(x, shift, scale, weight, bias, eps, config: ForwardConfig = ForwardConfig()):
+    """Check inputs, run the forward kernel; returns out (B, T, O), h (B, T, D), mean and rstd (B*T,) in fp32.
+
+    `config` overrides the launch rule (bench/kernel_sweep.py times alternatives that way).
+    """
     _check_inputs(x, shift, scale, weight, bias)
     B, T, D = x.shape
     O = weight.shape[0]
@@ -210,8 +222,8 @@ def _launch_forward(x, shift, scale, weight, bias, eps):
     h = torch.empty((B, T, D), device=x.device, dtype=x.dtype)  # (B, T, D)
     mean = torch.empty((B * T,), device=x.device, dtype=_stats_dtype(x.dtype))  # (N,)
     rstd = torch.empty_like(mean)  # (N,)
-    block_m = _row_block_m(T)
-    block_k = _block_k(D, 128)
+    block_m = config.block_m or _row_block_m(T)
+    block_k = _block_k(D, config.block_k)
     grid = (triton.cdiv(T, block_m), B)
     _launchable(_final_layer_fwd_kernel)[grid](
         x2d, shift, scale, weight, bias, out, h, mean, rstd,
@@ -220,7 +232,7 @@ def _launch_forward(x, shift, scale, weight, bias, eps):
         weight.stride(0), weight.stride(1),
         eps,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=_block_o(O, max(block_m, block_k), x.dtype),
-        WIDE_DOT=_wide_dot(x.dtype), DOT_PRECISION=_dot_precision(x.dtype), num_warps=ROW_PROGRAM_WARPS,
+        WIDE_DOT=_wide_dot(x.dtype), DOT_PRECISION=_dot_precision(x.dtype), num_warps=config.num_warps,
     )
     return out.view(B, T, O), h, mean, rstd
 

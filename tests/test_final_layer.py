@@ -4,6 +4,7 @@ Every comparison uses the three-way rule (tests/tolerance.py) with an fp64 refer
 The default set is a handful of representative shapes that the CPU interpreter runs quickly; `-m full` sweeps
 B x T x D x O x dtype; `-m gpu` adds torch.compile, DiT's real output widths and offsets past 2^31.
 """
+import importlib
 import itertools
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 
 from dit_fast.kernels.final_layer import MAX_D, final_layer, final_layer_ref
 from tests.tolerance import assert_three_way
+
+final_layer_module = importlib.import_module("dit_fast.kernels.final_layer")  # its launchers, for configs
 
 GRAD_NAMES = ("dx", "dshift", "dscale", "dweight", "dbias")
 
@@ -106,6 +109,21 @@ def test_per_sample_modulation(device):
     for i in range(B):
         alone = final_layer(x[i : i + 1], shift[i : i + 1], scale[i : i + 1], weight, bias)  # (1, T, O)
         assert torch.equal(whole[i : i + 1], alone), f"sample {i} depends on the rest of the batch"
+
+
+@pytest.mark.parametrize("block_m,block_k", [(16, 32), (64, 16)])
+def test_forward_launch_configs_match_the_reference(block_m, block_k, device):
+    """Explicit forward configs (bench/kernel_sweep.py's overrides): other token and column blocks, same
+    output and saved h, with T and D not multiples of the blocks."""
+    x, mod, weight, bias, _ = make_inputs(3, 37, 72, 8, torch.float32, device, seed=5)
+    shift, scale = mod.chunk(2, dim=1)
+    config = final_layer_module.ForwardConfig(block_m, block_k, 1)
+    out, h, _, _ = final_layer_module._launch_forward(x, shift, scale, weight, bias, 1e-6, config)
+    x64, shift64, scale64 = x.double(), shift.double(), scale.double()
+    ref_h = torch.nn.functional.layer_norm(x64, (72,), eps=1e-6) * (1 + scale64[:, None]) + shift64[:, None]
+    torch.testing.assert_close(h, ref_h.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, final_layer_ref(x64, shift64, scale64, weight.double(), bias.double()).float(),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 def test_gradcheck_float64(device):
