@@ -19,10 +19,11 @@ rebuilt h) measured 0.32 ms at B=128, T=256 on an H200 against 0.22 ms for Induc
 both were latency-bound loops over 128-column chunks (BENCHMARKS.md).
 
 Block sizes of the forward (fixed rule, no autotuning; tuned for DiT's D=1152 and O in {32, 128, 512}):
-  BLOCK_K = min(128, next_power_of_2(D)); BLOCK_M = min(32, next_power_of_2(T)) (at least 16) tokens;
+  BLOCK_K = min(128, next_power_of_2(D)); BLOCK_M = 16 tokens (tl.dot's smallest M);
   BLOCK_O = next_power_of_2(O) (at least 16), capped so that a weight tile, BLOCK_O by the larger of the
   other two blocks, is at most 32 KiB: with the pipeliner's stages that stays well inside Hopper's
-  227 KiB of shared memory; num_warps = 4.
+  227 KiB of shared memory; num_warps = 2. bench/kernel_sweep.py timed 12 shapes on an H200 at D = 1152:
+  16 tokens x 2 warps 0.075 ms at B*T = 32768, the former 32 x 4 0.0825 ms, 16 x 4 0.095 ms.
 Limits: 1 <= D <= MAX_D = 8192, ln_modulate's bound (ValueError past it); any O >= 1 (not only powers of
 two), with x re-read from cache once per BLOCK_O slice; row offsets are int64, so B*T*D >= 2^31 works.
 All five tensors must share one dtype (fp32, bf16, fp16, or fp64); fp32 products use
@@ -129,13 +130,9 @@ TILE_BYTES = 32 * 1024  # largest (BLOCK_O, BLOCK_K) tile of weight loaded for o
 class ForwardConfig(NamedTuple):
     """How the forward kernel is launched (the defaults are the rule in the module docstring)."""
 
-    block_m: int = 0  # tokens per program; 0: _row_block_m(T)
+    block_m: int = 16  # tokens per program
     block_k: int = 128  # cap of the column chunk
-    num_warps: int = 4
-
-
-def _row_block_m(T: int) -> int:
-    return max(16, min(32, triton.next_power_of_2(T)))
+    num_warps: int = 2
 
 
 def _block_k(D: int, cap: int) -> int:
@@ -222,7 +219,7 @@ def _launch_forward(x, shift, scale, weight, bias, eps, config: ForwardConfig = 
     h = torch.empty((B, T, D), device=x.device, dtype=x.dtype)  # (B, T, D)
     mean = torch.empty((B * T,), device=x.device, dtype=_stats_dtype(x.dtype))  # (N,)
     rstd = torch.empty_like(mean)  # (N,)
-    block_m = config.block_m or _row_block_m(T)
+    block_m = config.block_m
     block_k = _block_k(D, config.block_k)
     grid = (triton.cdiv(T, block_m), B)
     _launchable(_final_layer_fwd_kernel)[grid](
