@@ -15,6 +15,6 @@ setup(
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         "apex": ["apex"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "safetensors"],
     },
 )

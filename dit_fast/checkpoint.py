@@ -55,14 +55,46 @@ def image_size_of(state: dict[str, torch.Tensor], patch_size: int) -> int:
     return int(round(tokens**0.5)) * patch_size * VAE_DOWNSAMPLE
 
 
+LABEL_TABLE_KEY = "y_embedder.embedding_table.weight"
+
+
+def _classes_of_table(rows: int, class_dropout_prob: float) -> int:
+    """Classes of a label embedding table: its rows, less the null class row that guidance adds with dropout."""
+    return rows - int(class_dropout_prob > 0)
+
+
+def checkpoint_num_classes(path: str | os.PathLike, name: str) -> int | None:
+    """The class count of the checkpoint's label table, read without loading the weights (memory-mapped
+    .pt, safetensors header); None when the file holds no 2-D label table (load_model then names the problem)."""
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            read_safetensors(path)  # raises the error that says what to install
+        with safe_open(str(path), "pt") as file:
+            shape = file.get_slice(LABEL_TABLE_KEY).get_shape() if LABEL_TABLE_KEY in file.keys() else None
+    else:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped: read it whole
+            obj = read_state_dict(path)
+        obj = obj.get("ema", obj) if isinstance(obj, dict) else {}
+        table = obj.get(LABEL_TABLE_KEY) if isinstance(obj, dict) else None
+        shape = tuple(table.shape) if isinstance(table, torch.Tensor) else None
+    if shape is None or len(shape) != 2:
+        return None
+    return _classes_of_table(shape[0], DIT_CONFIGS[name].class_dropout_prob)
+
+
 def with_num_classes(name: str, state: dict[str, torch.Tensor], model_kwargs: dict, path: str | os.PathLike) -> dict:
     """model_kwargs with the class count of the checkpoint's label embedding table (its rows less the null class
     row of guidance); a num_classes given in model_kwargs must match it."""
-    table = state.get("y_embedder.embedding_table.weight")
+    table = state.get(LABEL_TABLE_KEY)
     if table is None or table.ndim != 2:
         return model_kwargs  # not a DiT label table: load_checked names what is wrong
     dropout = model_kwargs.get("class_dropout_prob", DIT_CONFIGS[name].class_dropout_prob)
-    implied = table.shape[0] - int(dropout > 0)
+    implied = _classes_of_table(table.shape[0], dropout)
     given = model_kwargs.get("num_classes", implied)
     if given != implied:
         raise ValueError(

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dit_fast.attention import AUTO, BACKEND_NAMES
+from dit_fast.checkpoint import checkpoint_num_classes
 from dit_fast.classes import class_display_name, resolve_class_labels
 from dit_fast.config import BLOCK_TYPES, DIT_CONFIGS, image_size_to_input_size
 from dit_fast.data import latent_to_rgb
@@ -64,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size", type=int, help="image side in pixels (default: the checkpoint's, from pos_embed)"
     )
     model.add_argument("--block", default="adaLN-Zero", choices=BLOCK_TYPES)
-    model.add_argument("--num-classes", type=int, help="classes of the checkpoint (default: the model config's)")
+    model.add_argument(
+        "--num-classes", type=int, help="classes of the checkpoint (default: its label table's, else the model config's)"
+    )
     model.add_argument("--attn", default=AUTO, choices=(AUTO, *BACKEND_NAMES), help="attention backend")
     model.add_argument(
         "--fused",
@@ -150,7 +153,9 @@ def validate_args(args: argparse.Namespace) -> dict:
     config = DIT_CONFIGS[args.model]
     if args.image_size is not None:
         image_size_to_input_size(args.image_size, config.patch_size)
-    num_classes = config.num_classes if args.num_classes is None else args.num_classes
+    num_classes = args.num_classes
+    if num_classes is None:  # the checkpoint's label table (read without loading the weights), else the config's
+        num_classes = (checkpoint_num_classes(args.ckpt, args.model) if args.ckpt else None) or config.num_classes
     if num_classes < 1:
         raise ValueError(f"--num-classes {num_classes} must be >= 1")
     rank, world_size, local_rank = distributed_env()

@@ -107,6 +107,24 @@ def test_default_labels_and_random_weights(tmp_path, capsys):
     assert "8 images, ddpm 2 steps" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_class_count_comes_from_the_checkpoint(tmp_path, capsys, suffix):
+    """A 3-class DiT-debug file without --num-classes: labels default to the file's classes (0, 1, 2), read from
+    its label table before any model work; a label past them is an error naming the 3 classes."""
+    model = create_model("DiT-debug", num_classes=3)
+    path = tmp_path / f"three{suffix}"
+    if suffix == ".pt":
+        torch.save(model.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    main(debug_args(str(path), tmp_path / "out", "--steps", "2"))
+    assert np.load(tmp_path / "out" / "labels.npy").tolist() == [0, 1, 2]
+    err = run_error(debug_args(str(path), tmp_path / "bad", "--class-labels", "3"), capsys)
+    assert "class label 3 is out of range: the model has 3 classes" in err
+
+
 @pytest.mark.usefixtures("no_model_work")
 @pytest.mark.parametrize(
     "extra, message",
