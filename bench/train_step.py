@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from bench.environment import environment, matmul_peak_tflops, require_cuda, save_report
+from bench.model import kernel_profile
 from dit_fast.config import get_config
 from dit_fast.diffusion import create_diffusion
 from dit_fast.ema import DEFAULT_DECAY, ShardedEMA
@@ -107,8 +108,11 @@ def dit_fast_step(trainer: TrainStep, env: DistEnv, batch: int, check_finite: bo
     return step
 
 
-def bench_dit_fast(env: DistEnv, batches: list[int], peak: float, flops: int, steps: int, warmup: int) -> list[dict]:
-    """Every batch with the finite check; the first batch also without it, on one GPU (its cost)."""
+def bench_dit_fast(
+    env: DistEnv, batches: list[int], peak: float, flops: int, steps: int, warmup: int, profile_first: bool = False
+) -> list[dict]:
+    """Every batch with the finite check; the first batch also without it, on one GPU (its cost). With
+    profile_first, the first row also gets bench.model's GPU-time split and costliest kernels of one step."""
     model = build_fsdp_model(MODEL, env, seed=0, image_size=IMAGE_SIZE, attn="auto", fused=True, compile_blocks=True)
     optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], LR, env.device)
     trainer = TrainStep(model, create_diffusion(""), optimizer, ShardedEMA(model, DEFAULT_DECAY))
@@ -117,8 +121,11 @@ def bench_dit_fast(env: DistEnv, batches: list[int], peak: float, flops: int, st
         checks = (True, False) if batch == batches[0] and env.world_size == 1 else (True,)
         for check_finite in checks:
             torch.cuda.reset_peak_memory_stats(env.device)
-            first_s, step_ms = time_steps(dit_fast_step(trainer, env, batch, check_finite), steps, warmup)
+            step = dit_fast_step(trainer, env, batch, check_finite)
+            first_s, step_ms = time_steps(step, steps, warmup)
             results.append(row("dit_fast", batch, env, first_s, step_ms, peak, flops, finite_check=check_finite))
+            if profile_first and len(results) == 1:
+                results[0].update(kernel_profile(step, iters=2, top=40))
     return results
 
 
@@ -193,14 +200,14 @@ def summary(results: list[dict], world_size: int) -> dict:
 
 
 def run(quick: bool = False, per_gpu_batches: list[int] | None = None, only_dit_fast: bool = False,
-        steps: int = STEPS, warmup: int = WARMUP) -> dict:  # fmt: skip
+        steps: int = STEPS, warmup: int = WARMUP, profile: bool = False) -> dict:  # fmt: skip
     """Benchmark on this process's GPU (all ranks under torchrun); returns the JSON-ready report."""
     require_cuda("bench/train_step.py")
     with distributed() as env:
         batches = per_gpu_batches or ([256] if quick else [256, 128])
         peak = matmul_peak_tflops()
         flops = train_flops_per_image(get_config(MODEL, image_size=IMAGE_SIZE))
-        results = bench_dit_fast(env, batches, peak, flops, steps, warmup)
+        results = bench_dit_fast(env, batches, peak, flops, steps, warmup, profile_first=profile)
         release_memory()
         if env.world_size == 1 and not only_dit_fast:
             results += bench_original(env, batches, peak, flops, steps, warmup)
@@ -244,10 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only-dit-fast", action="store_true", help="skip the original recipe")
     parser.add_argument("--steps", type=int, default=STEPS, help="timed steps per configuration")
+    parser.add_argument("--profile", action="store_true", help="GPU-time split and top kernels of dit_fast's first row")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step-<gpu>.json)")
     args = parser.parse_args(argv)
     require_cuda("bench/train_step.py")
-    report = run(args.quick, args.per_gpu_batch, args.only_dit_fast, args.steps)
+    report = run(args.quick, args.per_gpu_batch, args.only_dit_fast, args.steps, profile=args.profile)
     if int(os.environ.get("RANK", "0")) == 0:
         name = "train_step" if report["world_size"] == 1 else f"train_step-x{report['world_size']}"
         print(markdown(report))
