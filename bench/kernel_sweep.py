@@ -23,6 +23,7 @@ import torch
 
 from bench.environment import copy_bandwidth_gbps, environment, kernel_time_ms, require_cuda, save_report
 from bench.kernels import OP_CASES
+from bench.model import kernel_profile
 
 fl = importlib.import_module("dit_fast.kernels.final_layer")
 gr = importlib.import_module("dit_fast.kernels.gated_residual")  # the modules (the package exports functions
@@ -62,9 +63,10 @@ GRIDS = {  # op: (forward configs, backward configs)
 }
 
 
-def _inputs(op: str, B: int, T: int) -> dict:
-    """bf16 inputs as bench/kernels.py makes them (strided chunk views for the per-sample vectors)."""
-    return next(case for case in OP_CASES if case.name == op).make_inputs(B, T)
+def _case(op: str):
+    """bench/kernels.py's OpCase of op: its references, inputs (strided chunk views for the per-sample
+    vectors) and bytes formulas."""
+    return next(case for case in OP_CASES if case.name == op)
 
 
 def _launchers(op: str, inputs: dict, grad: dict) -> tuple[Callable, Callable]:
@@ -93,8 +95,7 @@ def _launchers(op: str, inputs: dict, grad: dict) -> tuple[Callable, Callable]:
 
 def _compiled_passes(op: str, inputs: dict) -> tuple[Callable, Callable]:
     """(forward, backward) of torch.compile(<op>_ref), recording autograd as in training."""
-    case = next(case for case in OP_CASES if case.name == op)
-    compiled = torch.compile(case.reference)
+    compiled = torch.compile(_case(op).reference)
     leaves = list(inputs.values())
     outputs = compiled(**inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -110,8 +111,8 @@ def _agree(candidate, expected) -> bool:
 
 def sweep_case(op: str, B: int, T: int, copy_gbps: float) -> list[dict]:
     """Rows for one (op, shape): compiled reference and every config, forward and backward."""
-    case = next(case for case in OP_CASES if case.name == op)
-    inputs = _inputs(op, B, T)
+    case = _case(op)
+    inputs = case.make_inputs(B, T)
     x = inputs["x"]
     grad = {"out": torch.randn_like(x), "h": torch.randn_like(x), "x_new": torch.randn_like(x)}
     forward, backward = _launchers(op, inputs, grad)
@@ -151,10 +152,9 @@ def _line(row: dict) -> str:
 
 
 def final_layer_profile(B: int = 256, T: int = 256) -> dict:
-    """GPU time per kernel (us) of one forward+backward of final_layer and of its compiled reference."""
-    from torch.profiler import ProfilerActivity, profile
-
-    case = next(case for case in OP_CASES if case.name == "final_layer")
+    """bench.model's GPU-time profile (costliest kernels) of one forward+backward of final_layer and of its
+    compiled reference."""
+    case = _case("final_layer")
     inputs = case.make_inputs(B, T)
     leaves = list(inputs.values())
     result = {}
@@ -165,15 +165,7 @@ def final_layer_profile(B: int = 256, T: int = 256) -> dict:
 
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-        kernels = {}
-        for event in prof.events():
-            if event.device_type.name == "CUDA":
-                kernels[event.name[:90]] = kernels.get(event.name[:90], 0.0) + event.device_time
-        result[impl] = dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
+        result[impl] = kernel_profile(step, iters=1)["top_kernels"]
     return result
 
 
@@ -193,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += sweep_case(op, B, T, copy_gbps)
             torch.cuda.empty_cache()
     report = {"benchmark": "kernel_sweep", "env": environment(), "copy_gbps": copy_gbps, "rows": rows,
-              "final_layer_profile_us": final_layer_profile()}  # fmt: skip
+              "final_layer_profile": final_layer_profile()}  # fmt: skip
     print(markdown(report))
     print("\nwrote", save_report(report, "kernel_sweep", args.out))
 

@@ -6,7 +6,8 @@ timed forward (recording autograd, as in training), backward (autograd.grad of a
 forward+backward, as GPU time: the summed device time of the kernels of 10 calls under torch.profiler
 (bench.environment.kernel_time_ms), so the host overhead of eager autograd and op dispatch, hidden behind
 the GPU in a real training step, does not count (figures before 2026-11-22 used triton.testing.do_bench,
-which counted it where the GPU waited for it). Every activation here is >= 75 MB, past the H200's L2. Compile time of the Inductor reference is measured apart (first forward+backward call).
+which counted it where the GPU waited for it). Every activation here is >= 75 MB, past the H200's L2.
+Compile time of the Inductor reference is measured apart (first forward+backward call).
 Bandwidth is the op's minimal traffic (the bytes formulas in OP_CASES, the same for all three
 implementations) over the median time, and its ratio to the device copy bandwidth measured in the same
 process (a large device-to-device copy, read + write bytes).

@@ -8,14 +8,22 @@ from dit_fast.config import DIT_CONFIGS, VAE_DOWNSAMPLE
 from dit_fast.model import DiT, create_model
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model weights in `path`: a bare state_dict, or the EMA weights of a {"model","ema","opt","args"} file."""
+def read_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights in `path`: a bare state_dict, or the EMA weights of a {"model","ema","opt","args"} file.
+
+    mmap=True maps a .pt file's tensors instead of reading them (a legacy non-zip file is read whole).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the path of a local .pt file")
     if str(path).endswith(".safetensors"):
         return read_safetensors(path)
     with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no memory map
     if isinstance(obj, dict) and "ema" in obj:
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -74,14 +82,8 @@ def checkpoint_num_classes(path: str | os.PathLike, name: str) -> int | None:
         with safe_open(str(path), "pt") as file:
             shape = file.get_slice(LABEL_TABLE_KEY).get_shape() if LABEL_TABLE_KEY in file.keys() else None
     else:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped: read it whole
-            obj = read_state_dict(path)
-        obj = obj.get("ema", obj) if isinstance(obj, dict) else {}
-        table = obj.get(LABEL_TABLE_KEY) if isinstance(obj, dict) else None
-        shape = tuple(table.shape) if isinstance(table, torch.Tensor) else None
+        table = read_state_dict(path, mmap=True).get(LABEL_TABLE_KEY)
+        shape = None if table is None else tuple(table.shape)
     if shape is None or len(shape) != 2:
         return None
     return _classes_of_table(shape[0], DIT_CONFIGS[name].class_dropout_prob)
