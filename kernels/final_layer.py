@@ -90,7 +90,7 @@ def _final_layer_fwd_kernel(
         delta = chunk_mean - mean
         mean += delta * (n_chunk / n_total)
         m2 += tl.sum(centered * centered, axis=1) + delta * delta * (k0 * n_chunk / n_total)
-    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+    rstd = 1.0 / tl.sqrt(m2 / D + tl.cast(eps, stats_dtype))  # eps is fp64 under Inductor (ln_modulate.py)
     tl.store(MEAN_ptr + rows, mean, mask=token_mask)
     tl.store(RSTD_ptr + rows, rstd, mask=token_mask)
 
