@@ -109,8 +109,8 @@ def _agree(candidate, expected) -> bool:
     )
 
 
-def sweep_case(op: str, B: int, T: int, copy_gbps: float) -> list[dict]:
-    """Rows for one (op, shape): compiled reference and every config, forward and backward."""
+def sweep_case(op: str, B: int, T: int, copy_gbps: float, passes: tuple[str, ...] = ("fwd", "bwd")) -> list[dict]:
+    """Rows for one (op, shape): compiled reference and every config of the given passes."""
     case = _case(op)
     inputs = case.make_inputs(B, T)
     x = inputs["x"]
@@ -123,7 +123,7 @@ def sweep_case(op: str, B: int, T: int, copy_gbps: float) -> list[dict]:
         ("fwd", forward, grids[0], case.forward_bytes(B, T), compiled_fwd),
         ("bwd", backward, grids[1], case.backward_bytes(B, T), compiled_bwd),
     ):
-        if not configs:  # final_layer: forward configs only
+        if not configs or pas not in passes:  # final_layer: forward configs only
             continue
         rows.append(_row(op, B, T, pas, "compiled", kernel_time_ms(compiled), nbytes, copy_gbps))
         expected = [t for t in launch(None) if t is not None]
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernel_sweep-<gpu>.json)")
     parser.add_argument("--ops", nargs="+", default=list(GRIDS), choices=list(GRIDS))
+    parser.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     args = parser.parse_args(argv)
     require_cuda("bench/kernel_sweep.py")
     torch.manual_seed(0)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for op in args.ops:
         for B, T in SHAPES:
-            rows += sweep_case(op, B, T, copy_gbps)
+            rows += sweep_case(op, B, T, copy_gbps, tuple(args.passes))
             torch.cuda.empty_cache()
     report = {"benchmark": "kernel_sweep", "env": environment(), "copy_gbps": copy_gbps, "rows": rows,
               "final_layer_profile": final_layer_profile()}  # fmt: skip

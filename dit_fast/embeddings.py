@@ -25,14 +25,28 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """(N, C, H, W) latents -> (N, T, D) tokens by a stride-p convolution (T = (H/p)*(W/p))."""
+    """(N, C, H, W) latents -> (N, T, D) tokens by a stride-p convolution (T = (H/p)*(W/p)).
 
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+    as_matmul computes the same map as one matrix product over the unfolded patches, giving contiguous
+    tokens; the convolution's (N, D, T) output, transposed, is not contiguous, and on the GPU every
+    consumer then pays a copy of the whole activation (the fast path's choice).
+    """
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, as_matmul: bool = False):
         super().__init__()
+        self.patch_size = patch_size
+        self.as_matmul = as_matmul
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        if not self.as_matmul:
+            return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        n, c, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (N, H/p, W/p, C, p, p)
+        patches = patches.reshape(-1, c * p * p)  # (N*T, C*p*p), in the conv weight's (C, p, p) order
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (D, C*p*p)
+        return torch.addmm(self.proj.bias, patches, weight.t()).view(n, -1, weight.shape[0])  # (N, T, D)
 
 
 def timestep_frequencies(t: torch.Tensor, dim: int = FREQUENCY_EMBEDDING_SIZE) -> torch.Tensor:

@@ -55,7 +55,7 @@ class DiT(nn.Module):
         self.patch_size = cfg.patch_size
         self.num_classes = cfg.num_classes
         d = cfg.hidden_size
-        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, as_matmul=fused)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, d), requires_grad=False)

@@ -225,3 +225,24 @@ def test_load_missing_file_and_non_state_dict(tmp_path):
     torch.save([1, 2], path)
     with pytest.raises(ValueError, match="holds no state_dict"):
         load_model("DiT-debug", path)
+
+
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_patch_embed_as_matmul_equals_convolution(patch):
+    """The fast path's unfold-and-matmul patch embedding is the convolution's map (values and gradients) but
+    returns contiguous tokens."""
+    from dit_fast.embeddings import PatchEmbed
+
+    torch.manual_seed(patch)
+    conv = PatchEmbed(patch, 4, 24)
+    torch.nn.init.normal_(conv.proj.bias)
+    matmul = PatchEmbed(patch, 4, 24, as_matmul=True)
+    matmul.load_state_dict(conv.state_dict())
+    x = torch.randn(3, 4, 16, 16, requires_grad=True)
+    expected, got = conv(x), matmul(x)
+    assert got.shape == (3, (16 // patch) ** 2, 24) and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    cotangent = torch.randn_like(got)
+    grads = [torch.autograd.grad(m(x), [x, *m.parameters()], cotangent) for m in (conv, matmul)]
+    for g_conv, g_matmul in zip(*grads):
+        torch.testing.assert_close(g_matmul, g_conv, rtol=1e-5, atol=1e-5)
