@@ -34,7 +34,6 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int, as_matmul: bool = False):
         super().__init__()
-        self.patch_size = patch_size
         self.as_matmul = as_matmul
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
@@ -42,7 +41,7 @@ class PatchEmbed(nn.Module):
         if not self.as_matmul:
             return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
         n, c, h, w = x.shape
-        p = self.patch_size
+        p = self.proj.stride[0]
         patches = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (N, H/p, W/p, C, p, p)
         patches = patches.reshape(-1, c * p * p)  # (N*T, C*p*p), in the conv weight's (C, p, p) order
         weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (D, C*p*p)

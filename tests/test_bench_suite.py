@@ -199,15 +199,14 @@ def test_targets_show_misses_and_what_was_not_measured():
     assert "| not measured: not in --quick | - |" in suite_report.targets_markdown(report)
 
 
+def run_without_cuda(*args: str) -> subprocess.CompletedProcess:
+    """`python ARGS` in the repository root with every GPU hidden, output captured."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_python_m_bench_without_cuda_prints_the_flop_table_and_the_gpu_note():
-    result = subprocess.run(
-        [sys.executable, "-m", "bench"],
-        cwd=REPO_ROOT,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_without_cuda("-m", "bench")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("DiT-")]
     assert len(rows) == len(PAPER_GMACS)
@@ -216,13 +215,6 @@ def test_python_m_bench_without_cuda_prints_the_flop_table_and_the_gpu_note():
 
 
 def test_pytest_on_bench_skips_cleanly_without_cuda():
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "bench/"],
-        cwd=REPO_ROOT,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_without_cuda("-m", "pytest", "-q", "-rs", "bench/")
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" not in result.stdout and " skipped" in result.stdout and "no CUDA GPU is visible" in result.stdout

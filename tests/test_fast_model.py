@@ -4,7 +4,8 @@ import torch
 
 from dit_fast import create_diffusion, create_model, load_model
 from dit_fast.model import BLOCK_CLASSES
-from tests.test_model import inputs, randomize
+from tests.random_weights import randomize
+from tests.test_model import inputs
 from tests.tolerance import assert_three_way
 
 

@@ -5,21 +5,12 @@ import pytest
 import torch
 
 from dit_fast import DIT_CONFIGS, create_model, get_config, load_model
-from dit_fast.embeddings import sincos_2d
+from dit_fast.embeddings import PatchEmbed, sincos_2d
 from dit_fast.model import BLOCK_CLASSES
 from tests.official_forward import official_forward
+from tests.random_weights import randomize
 
 PAPER_MODELS = [n for n in DIT_CONFIGS if n != "DiT-debug"]
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Fill every parameter with fresh random values (init leaves adaLN-Zero gates at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
 
 
 def inputs(cfg, n=3, seed=1):
@@ -231,8 +222,6 @@ def test_load_missing_file_and_non_state_dict(tmp_path):
 def test_patch_embed_as_matmul_equals_convolution(patch):
     """The fast path's unfold-and-matmul patch embedding is the convolution's map (values and gradients) but
     returns contiguous tokens."""
-    from dit_fast.embeddings import PatchEmbed
-
     torch.manual_seed(patch)
     conv = PatchEmbed(patch, 4, 24)
     torch.nn.init.normal_(conv.proj.bias)

@@ -13,6 +13,7 @@ from dit_fast.diffusion import create_diffusion
 from dit_fast.diffusion.fast_sampling import SamplerLoop, sampler_diffusion
 from dit_fast.images import to_uint8
 from dit_fast.pipeline import draw_noise, index_generators, uniform_labels
+from tests.random_weights import randomize
 from tests.test_vae import tiny_vae
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
@@ -21,13 +22,7 @@ needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not
 
 def random_debug_model(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
     """DiT-debug with every weight random (init leaves adaLN-Zero gates at zero: an identity network)."""
-    model = create_model("DiT-debug", num_classes=num_classes)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name != "pos_embed":
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return model.eval()
+    return randomize(create_model("DiT-debug", num_classes=num_classes), seed).eval()
 
 
 def reference_inputs(n: int, seed: int = 0):

@@ -16,6 +16,7 @@ import dit_fast.pipeline
 import dit_fast.sample
 from dit_fast import create_model
 from dit_fast.sample import main
+from tests.random_weights import randomize
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     """A DiT-debug state_dict (64px, 10 classes) with every weight random, so samples depend on the labels."""
-    model = create_model("DiT-debug")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name != "pos_embed":
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    model = randomize(create_model("DiT-debug"))
     path = tmp_path_factory.mktemp("ckpt") / "debug.pt"
     torch.save(model.state_dict(), path)
     return str(path)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from dit_fast import create_diffusion, create_model
 from dit_fast.fused_blocks import FusedMlp
+from tests.random_weights import randomize
 from tests.tolerance import assert_three_way
 
 pytestmark = pytest.mark.gpu
@@ -14,13 +15,7 @@ MODEL = "DiT-XL/2"
 @pytest.fixture(scope="module")
 def weights():
     """Random DiT-XL/2 weights (adaLN gates and final layer non-zero), on the CPU in fp32."""
-    model = create_model(MODEL)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model.state_dict()
+    return randomize(create_model(MODEL), std=0.02).state_dict()
 
 
 def build(weights, fused, dtype, attn=None):

@@ -4,6 +4,7 @@ eager ones, and the Pipeline end to end."""
 import pytest
 import torch
 
+from bench.sampling import random_state
 from dit_fast import Pipeline, create_model
 from dit_fast.diffusion.fast_sampling import SamplerLoop
 from tests.tolerance import max_abs_err
@@ -18,14 +19,7 @@ BF16_ATOL = 1e-2
 @pytest.fixture(scope="module")
 def reference_state() -> dict[str, torch.Tensor]:
     """DiT-XL/2 with every weight random (init leaves the adaLN-Zero gates at zero, an identity body)."""
-    with torch.device("cuda"):
-        model = create_model(MODEL)
-    generator = torch.Generator("cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name != "pos_embed":
-                parameter.copy_(torch.randn(parameter.shape, device="cuda", generator=generator) * 0.02)
-    return model.state_dict()
+    return random_state()  # bench/sampling.py's weights
 
 
 def build(state: dict[str, torch.Tensor], fused: bool, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
