@@ -105,9 +105,13 @@ def matmul_peak_tflops(n: int = 8192) -> float:
     return 2 * n**3 / ms / 1e9
 
 
+def slug(gpu_name: str) -> str:
+    """A GPU name as it appears in results file names: 'NVIDIA H200' -> 'nvidia-h200'."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+
+
 def gpu_slug() -> str:
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
 
 
 def save_report(report: dict, name: str, out: str | None = None) -> str:

@@ -9,6 +9,8 @@
 #   bash bench/gpu_check.sh sweep     # bench/kernel_sweep.py: launch configs of the adaLN kernels
 #   bash bench/gpu_check.sh quick     # the GPU test of `python -m bench --quick` (its output kept in $OUT/quick)
 #   bash bench/gpu_check.sh learn     # the DiT-S/4 learning test of train.py (tests/gpu/test_train_gpu.py)
+#   SUITE_PARTS="training sampling" bash bench/gpu_check.sh suite  # `python -m bench` on every visible GPU
+#     (default: all parts; SUITE_TIME_BUDGET, default 450 s, stops starting tasks in time for the 10-minute limit)
 # Results and logs go to $OUT (default ./gpu_out). Installs the package in place without touching torch.
 set -u
 OUT=${OUT:-gpu_out}
@@ -56,10 +58,13 @@ for stage in "$@"; do
     quick)
       step bench_quick python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=1500 --basetemp="$OUT/quick" \
         tests/gpu/test_bench_quick_gpu.py ;;
+    suite)
+      step bench_suite python3 -m bench --gpus "$(nvidia-smi -L | wc -l)" --parts ${SUITE_PARTS:-flops kernels attention training sampling model train_step scaling} \
+        --time-budget "${SUITE_TIME_BUDGET:-450}" --out-dir "$OUT/suite" ;;
     learn)
       step learning_test python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
         tests/gpu/test_train_gpu.py -k learns ;;
-    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train, sweep, quick, learn"; exit 2 ;;
+    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train, sweep, quick, suite, learn"; exit 2 ;;
   esac
 done
 exit $status

@@ -39,9 +39,9 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
-from bench import attention, configs, kernels, plots, train_step
+from bench import attention, configs, kernels, plots, suite_merge, suite_parallel, train_step
 from bench import model as model_bench
-from bench.environment import environment, gpu_slug, matmul_peak_tflops, save_report
+from bench.environment import environment, gpu_slug, matmul_peak_tflops, save_report, slug
 from bench.flops import format_table
 from bench.suite_report import SCALING_BATCH, TRAIN_STEP_BATCH, markdown, targets
 from dit_fast.config import get_config
@@ -164,38 +164,83 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_tasks(tasks: list[Task]) -> tuple[dict, dict, dict]:
-    """Run every task under a progress bar: (results by part, errors by task label, seconds by part)."""
+def run_task(task: Task) -> dict:
+    """Run one task: a record of its part, label, seconds and result, or of its error (the suite goes on)."""
+    record = {"part": task.part, "label": task.label, "row": task.row}
+    began = time.perf_counter()
+    try:
+        record["result"] = task.measure()
+    except Exception as error:  # one part failing must not end the suite: record it and go on
+        record["error"] = {"part": task.part, "error": repr(error), "traceback": traceback.format_exc(limit=-8)}
+        tqdm.write(f"{task.label} failed: {error!r}")
+    record["seconds"] = time.perf_counter() - began
+    release_memory()
+    return record
+
+
+def not_run(task: Task, time_budget_s: float) -> dict:
+    """The record of a task that the time budget left no time for."""
+    error = f"not run: the time budget (--time-budget {time_budget_s:g} s) was spent before it started"
+    return {"part": task.part, "label": task.label, "row": task.row, "seconds": 0.0,
+            "error": {"part": task.part, "error": error, "traceback": ""}}  # fmt: skip
+
+
+def collect(records: list[dict]) -> tuple[dict, dict, dict]:
+    """(results by part, errors by task label, seconds by part) of task records, in the records' order."""
     parts, errors, seconds = {}, {}, {}
-    progress = tqdm(tasks, desc="bench", unit="task", dynamic_ncols=True)
-    for task in progress:
-        progress.set_description(task.label)
-        began = time.perf_counter()
-        try:
-            result = task.measure()
-        except Exception as error:  # one part failing must not end the suite: record it and go on
-            errors[task.label] = {"part": task.part, "error": repr(error), "traceback": traceback.format_exc(limit=-8)}
-            tqdm.write(f"{task.label} failed: {error!r}")
+    for record in records:
+        part = record["part"]
+        if "error" in record:
+            errors[record["label"]] = record["error"]
+        elif record["row"]:
+            parts.setdefault(part, {"rows": []})["rows"].append(record["result"])
         else:
-            if task.row:
-                parts.setdefault(task.part, {"rows": []})["rows"].append(result)
-            else:
-                parts[task.part] = result
-        seconds[task.part] = round(seconds.get(task.part, 0.0) + time.perf_counter() - began, 1)
-        release_memory()
+            parts[part] = record["result"]
+        seconds[part] = round(seconds.get(part, 0.0) + record["seconds"], 1)
     return parts, errors, seconds
 
 
-def run_suite(quick: bool, parts: list[str], models: list[str] | None, command: str) -> dict:
-    """Measure every selected part on this machine's GPUs; returns the JSON-ready report."""
+def run_tasks(tasks: list[Task], time_budget_s: float | None = None) -> tuple[dict, dict, dict]:
+    """Run every task under a progress bar; with a time budget (s), start none after it is spent."""
+    began, records = time.perf_counter(), []
+    progress = tqdm(tasks, desc="bench", unit="task", dynamic_ncols=True)
+    for task in progress:
+        if time_budget_s is not None and time.perf_counter() - began > time_budget_s:
+            records.append(not_run(task, time_budget_s))
+            continue
+        progress.set_description(task.label)
+        records.append(run_task(task))
+    return collect(records)
+
+
+def use_tf32() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # as DiT's train.py and bench/model.py
     torch.backends.cudnn.allow_tf32 = True
+
+
+def run_suite(
+    quick: bool, parts: list[str], models: list[str] | None, command: str, gpus: int = 1,
+    time_budget_s: float | None = None,
+) -> dict:  # fmt: skip
+    """Measure every selected part on this machine's GPUs; returns the JSON-ready report.
+
+    gpus > 1 spreads the tasks (all but scaling's) over that many GPUs, one worker process each
+    (bench/suite_parallel.py); scaling then runs alone, on every visible GPU.
+    """
+    use_tf32()
     began, env = time.perf_counter(), environment()
     peak_tflops = matmul_peak_tflops()
     tasks, skipped = plan(quick, parts, models, torch.cuda.device_count(), peak_tflops)
-    results, errors, seconds = run_tasks(tasks)
+    if gpus > 1:
+        release_memory()  # the peak measurement's cached blocks on GPU 0, which a worker uses
+        selection = {"quick": quick, "parts": parts, "models": models, "peak_tflops": peak_tflops}
+        records = suite_parallel.run_on_gpus(tasks, selection, visible_gpus()[:gpus], time_budget_s)
+        rest = [task for task in tasks if task.part == "scaling"]
+        results, errors, seconds = collect(records + [run_task(task) for task in tqdm(rest, desc="scaling")])
+    else:
+        results, errors, seconds = run_tasks(tasks, time_budget_s)
     return {
-        "benchmark": "suite", "quick": quick, "command": command, "env": env,
+        "benchmark": "suite", "quick": quick, "command": command, "env": env, "gpus_in_parallel": gpus,
         "bf16_matmul_peak_tflops": round(peak_tflops, 1), "parts": results, "skipped": skipped, "errors": errors,
         "seconds": seconds, "total_s": round(time.perf_counter() - began, 1),
     }  # fmt: skip
@@ -224,13 +269,29 @@ def render_saved(path: str) -> list[str]:
     return write_outputs(report, path.removesuffix(".json"))
 
 
-def main(quick: bool, out_dir: str, parts: list[str], models: list[str] | None, command: str) -> int:
+def merge_saved(paths: list[str], out_dir: str) -> list[str]:
+    """Merge saved suite runs (bench/suite_merge.py) into <out_dir>/<gpu>-<first run's date>[-quick] outputs."""
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    report = suite_merge.merge(reports, paths)
+    name = f"{slug(report['env'].get('gpu', 'cpu'))}-{report['env']['date'][:10]}{'-quick' if report['quick'] else ''}"
+    return write_outputs(report, os.path.join(out_dir, name))
+
+
+def main(
+    quick: bool, out_dir: str, parts: list[str], models: list[str] | None, command: str, gpus: int = 1,
+    time_budget_s: float | None = None,
+) -> int:  # fmt: skip
     """Run the suite and write its outputs; without CUDA, print the FLOP table and what needs a GPU (exit 0)."""
     if not torch.cuda.is_available():
         print(format_table(flop_rows()))
         print("\n" + NO_GPU_NOTE)
         return 0
-    report = run_suite(quick, parts, models, command)
+    if gpus > len(visible_gpus()):
+        raise ValueError(f"--gpus {gpus}: only {len(visible_gpus())} GPU(s) are visible here")
+    report = run_suite(quick, parts, models, command, gpus, time_budget_s)
     prefix = os.path.join(out_dir, f"{gpu_slug()}-{report['env']['date'][:10]}{'-quick' if quick else ''}")
     for path in write_outputs(report, prefix):
         print("wrote", path)

@@ -3,6 +3,7 @@
 from bench import attention, configs, kernels, train_step
 from bench import model as model_bench
 from bench.sampling import TARGETS as SAMPLING_TARGETS
+from bench.suite_merge import run_summaries
 
 TRAIN_STEP_BATCH = 256  # the batch of the training targets
 SCALING_BATCH = 128  # per GPU
@@ -202,6 +203,19 @@ SECTIONS = (  # part, title, markdown of the part's results
 )
 
 
+def run_lines(report: dict) -> list[str]:
+    """One line per run: a merged report (bench/suite_merge.py) lists each of its slices."""
+    runs = run_summaries(report)
+    lines = [f"- merged from {len(runs)} runs: `{report['command']}`"] if "runs" in report else []
+    for run in runs:
+        spread = f", tasks spread over {run['gpus_in_parallel']} GPUs" if run["gpus_in_parallel"] > 1 else ""
+        lines.append(
+            f"- command: `{run['command']}`: commit {run['commit']}, {run['date']}, {run['total_s']:.0f} s on "
+            f"{run['gpu_count']} visible GPU(s){spread}, bf16 matmul (8192^3) {run['bf16_matmul_peak_tflops']} TFLOP/s"
+        )
+    return lines
+
+
 def header_markdown(report: dict) -> list[str]:
     env = report["env"]
     copy = (report["parts"].get("kernels") or {}).get("copy_bandwidth_GBps")
@@ -210,14 +224,13 @@ def header_markdown(report: dict) -> list[str]:
         f"# dit_fast benchmark suite: {env.get('gpu', '?')}, {env['date'][:10]}"
         f"{' (--quick)' if report['quick'] else ''}",
         "",
-        f"- command: `{report['command']}`",
-        f"- commit: {env['commit']}, {env['date']}",
+        *run_lines(report),
         f"- hardware: {env.get('gpu', '?')} x {env.get('gpu_count', '?')} ({env.get('sms', '?')} SMs)",
         f"- software: Python {env['python']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
         f"cuDNN {env['cudnn']}",
-        f"- ceilings measured in this run: bf16 matmul (8192^3) {report['bf16_matmul_peak_tflops']} TFLOP/s; "
-        f"device copy {f'{copy:.0f} GB/s' if copy else 'not measured'} (kernels part)",
-        f"- wall time: {report['total_s']:.0f} s ({per_part})",
+        f"- device copy bandwidth: {f'{copy:.0f} GB/s' if copy else 'not measured'} (kernels part); MFU is against "
+        "the bf16 matmul rate of the row's own run",
+        f"- time: {report['total_s']:.0f} s in all; per part, summed over GPUs: {per_part}",
     ]
 
 
