@@ -253,6 +253,7 @@ def write_outputs(report: dict, prefix: str) -> list[str]:
     """
     report = json.loads(json.dumps(report))
     report["targets"] = targets(report)
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     plot_paths, plot_errors = plots.write_plots(report, prefix)
     report["errors"].update(plot_errors)
     report["plots"] = [os.path.basename(path) for path in plot_paths]
