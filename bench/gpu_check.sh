@@ -9,7 +9,6 @@
 #   bash bench/gpu_check.sh sweep     # bench/kernel_sweep.py: launch configs of the adaLN kernels
 #   bash bench/gpu_check.sh quick     # the GPU test of `python -m bench --quick` (its output kept in $OUT/quick)
 #   bash bench/gpu_check.sh learn     # the DiT-S/4 learning test of train.py (tests/gpu/test_train_gpu.py)
-#   bash bench/gpu_check.sh fsdp-profile  # (2+ GPUs) profiled FSDP train steps on 1 and 2 GPUs, resharded or not
 #   SUITE_PARTS="training sampling" bash bench/gpu_check.sh suite  # `python -m bench` on every visible GPU
 #     (default: all parts; SUITE_TIME_BUDGET, default 450 s, stops starting tasks in time for the 10-minute limit)
 # Results and logs go to $OUT (default ./gpu_out). Installs the package in place without touching torch.
@@ -62,16 +61,10 @@ for stage in "$@"; do
     suite)
       step bench_suite python3 -m bench --gpus "$(nvidia-smi -L | wc -l)" --parts ${SUITE_PARTS:-flops kernels attention training sampling model train_step scaling} \
         --time-budget "${SUITE_TIME_BUDGET:-450}" --out-dir "$OUT/suite" ;;
-    fsdp-profile)  # weak scaling at 128 per GPU, profiled: 1 GPU, 2 GPUs, 2 GPUs keeping the gathered weights
-      step fsdp_x1 python3 -m bench.train_step --per-gpu-batch 128 --only-dit-fast --steps 10 --profile --out "$OUT/fsdp_x1.json"
-      for kept in "" --keep-gathered; do
-        step "fsdp_x2${kept:+_kept}" python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m bench.train_step \
-          --per-gpu-batch 128 --only-dit-fast --steps 10 --profile $kept --out "$OUT/fsdp_x2${kept:+_kept}.json"
-      done ;;
     learn)
       step learning_test python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
         tests/gpu/test_train_gpu.py -k learns ;;
-    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train, sweep, quick, suite, fsdp-profile, learn"; exit 2 ;;
+    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train, sweep, quick, suite, learn"; exit 2 ;;
   esac
 done
 exit $status

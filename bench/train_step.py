@@ -109,15 +109,11 @@ def dit_fast_step(trainer: TrainStep, env: DistEnv, batch: int, check_finite: bo
 
 
 def bench_dit_fast(
-    env: DistEnv, batches: list[int], peak: float, flops: int, steps: int, warmup: int, profile_first: bool = False,
-    reshard_after_forward: bool | None = None,
-) -> list[dict]:  # fmt: skip
+    env: DistEnv, batches: list[int], peak: float, flops: int, steps: int, warmup: int, profile_first: bool = False
+) -> list[dict]:
     """Every batch with the finite check; the first batch also without it, on one GPU (its cost). With
     profile_first, the first row also gets bench.model's GPU-time split and costliest kernels of one step."""
-    model = build_fsdp_model(
-        MODEL, env, seed=0, image_size=IMAGE_SIZE, attn="auto", fused=True, compile_blocks=True,
-        reshard_after_forward=reshard_after_forward,
-    )  # fmt: skip
+    model = build_fsdp_model(MODEL, env, seed=0, image_size=IMAGE_SIZE, attn="auto", fused=True, compile_blocks=True)
     optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], LR, env.device)
     trainer = TrainStep(model, create_diffusion(""), optimizer, ShardedEMA(model, DEFAULT_DECAY))
     results = []
@@ -204,22 +200,21 @@ def summary(results: list[dict], world_size: int) -> dict:
 
 
 def run(quick: bool = False, per_gpu_batches: list[int] | None = None, only_dit_fast: bool = False,
-        steps: int = STEPS, warmup: int = WARMUP, profile: bool = False,
-        reshard_after_forward: bool | None = None) -> dict:  # fmt: skip
+        steps: int = STEPS, warmup: int = WARMUP, profile: bool = False) -> dict:  # fmt: skip
     """Benchmark on this process's GPU (all ranks under torchrun); returns the JSON-ready report."""
     require_cuda("bench/train_step.py")
     with distributed() as env:
         batches = per_gpu_batches or ([256] if quick else [256, 128])
         peak = matmul_peak_tflops()
         flops = train_flops_per_image(get_config(MODEL, image_size=IMAGE_SIZE))
-        results = bench_dit_fast(env, batches, peak, flops, steps, warmup, profile, reshard_after_forward)
+        results = bench_dit_fast(env, batches, peak, flops, steps, warmup, profile_first=profile)
         release_memory()
         if env.world_size == 1 and not only_dit_fast:
             results += bench_original(env, batches, peak, flops, steps, warmup)
             release_memory()
         return {
             "benchmark": "train_step", "model": MODEL, "image_size": IMAGE_SIZE, "env": environment(),
-            "world_size": env.world_size, "reshard_after_forward": reshard_after_forward, "dtype": "bf16 compute, fp32 master weights / reduction / EMA",
+            "world_size": env.world_size, "dtype": "bf16 compute, fp32 master weights / reduction / EMA",
             "latent_shape": [4, IMAGE_SIZE // 8, IMAGE_SIZE // 8], "train_gflops_per_image": round(flops / 1e9, 1),
             "bf16_matmul_peak_tflops": round(peak, 1), "timing": f"median of {steps} steps (CUDA events) after "
             f"{1 + warmup} warm-up steps; compile_s is the first step's wall time",
@@ -257,15 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-dit-fast", action="store_true", help="skip the original recipe")
     parser.add_argument("--steps", type=int, default=STEPS, help="timed steps per configuration")
     parser.add_argument("--profile", action="store_true", help="GPU-time split and top kernels of dit_fast's first row")
-    parser.add_argument(
-        "--keep-gathered", action="store_true",
-        help="FSDP reshard_after_forward=False: keep each block's gathered weights for its backward",
-    )  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step-<gpu>.json)")
     args = parser.parse_args(argv)
     require_cuda("bench/train_step.py")
-    reshard = False if args.keep_gathered else None
-    report = run(args.quick, args.per_gpu_batch, args.only_dit_fast, args.steps, args.profile, reshard)
+    report = run(args.quick, args.per_gpu_batch, args.only_dit_fast, args.steps, profile=args.profile)
     if int(os.environ.get("RANK", "0")) == 0:
         name = "train_step" if report["world_size"] == 1 else f"train_step-x{report['world_size']}"
         print(markdown(report))

@@ -109,13 +109,10 @@ def build_fsdp_model(
     fused: bool = False,
     grad_ckpt: bool = False,
     compile_blocks: bool = False,
-    reshard_after_forward: bool | None = None,
 ) -> DiT:
     """A DiT sharded over all ranks with FSDP2, initialised from `seed` identically for every world size.
 
-    image_size and num_classes None keep the config's. reshard_after_forward None reshards each block's
-    gathered weights after its forward (gathering them again for the backward) when there is more than one
-    rank; False keeps them gathered until the backward (one all-gather per step, +2 bytes per parameter).
+    image_size and num_classes None keep the config's.
     """
     kwargs = {"image_size": image_size, "block": block, "fused": fused, "attn": attn}
     if num_classes is not None:
@@ -123,15 +120,14 @@ def build_fsdp_model(
     with torch.device("meta"):
         model = create_model(name, **kwargs)
     model.hoist_modulation = False  # the hoisted adaLN product reads every block's weights outside its FSDP unit
-    if reshard_after_forward is None:  # with one rank, resharding after forward would only re-copy the weights
-        reshard_after_forward = env.world_size > 1
+    sharded = env.world_size > 1  # with one rank, resharding after forward would only re-copy the weights
     for index, layer in enumerate(model.blocks):
         if grad_ckpt:
             layer = checkpoint_wrapper(layer, preserve_rng_state=False)  # the blocks draw no random numbers
             model.blocks[index] = layer
         if compile_blocks:
             layer.compile(fullgraph=True, dynamic=False)  # one batch size per run: static shapes
-        fully_shard(layer, mp_policy=BLOCK_PRECISION, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mp_policy=BLOCK_PRECISION, reshard_after_forward=sharded)
     fully_shard(model, mp_policy=ROOT_PRECISION, reshard_after_forward=False)  # backward needs the root at once
     model.to_empty(device=env.device)
     load_full_weights(model, reference_weights(name, kwargs, seed))
