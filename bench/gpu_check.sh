@@ -65,7 +65,10 @@ for stage in "$@"; do
     fsdp-profile)  # weak scaling at 128 per GPU with bench.model's GPU-time split: 1 GPU, then 2 under torchrun
       step fsdp_x1 python3 -m bench.train_step --per-gpu-batch 128 --only-dit-fast --steps 20 --profile --out "$OUT/fsdp_x1.json"
       step fsdp_x2 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m bench.train_step \
-        --per-gpu-batch 128 --only-dit-fast --steps 20 --profile --out "$OUT/fsdp_x2.json" ;;
+        --per-gpu-batch 128 --only-dit-fast --steps 20 --profile --out "$OUT/fsdp_x2.json"
+      # NCCL chose its low-latency (LL) protocol for the per-block all-gathers and reduce-scatters: try Simple
+      NCCL_PROTO=Simple step fsdp_x2_simple python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
+        -m bench.train_step --per-gpu-batch 128 --only-dit-fast --steps 20 --profile --out "$OUT/fsdp_x2_simple.json" ;;
     learn)
       step learning_test python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
         tests/gpu/test_train_gpu.py -k learns ;;
