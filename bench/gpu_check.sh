@@ -10,6 +10,7 @@
 #   bash bench/gpu_check.sh quick     # the GPU test of `python -m bench --quick` (its output kept in $OUT/quick)
 #   bash bench/gpu_check.sh learn     # the DiT-S/4 learning test of train.py (tests/gpu/test_train_gpu.py)
 #   bash bench/gpu_check.sh fsdp-profile  # (2+ GPUs) profiled FSDP train steps at 128 per GPU on 1 and 2 GPUs
+#   bash bench/gpu_check.sh microbench  # pytest bench/ --benchmark-only (JSON in $OUT/microbench.json)
 #   SUITE_PARTS="training sampling" bash bench/gpu_check.sh suite  # `python -m bench` on every visible GPU
 #     (default: all parts; SUITE_TIME_BUDGET, default 450 s, stops starting tasks in time for the 10-minute limit)
 # Results and logs go to $OUT (default ./gpu_out). Installs the package in place without touching torch.
@@ -65,14 +66,14 @@ for stage in "$@"; do
     fsdp-profile)  # weak scaling at 128 per GPU with bench.model's GPU-time split: 1 GPU, then 2 under torchrun
       step fsdp_x1 python3 -m bench.train_step --per-gpu-batch 128 --only-dit-fast --steps 20 --profile --out "$OUT/fsdp_x1.json"
       step fsdp_x2 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m bench.train_step \
-        --per-gpu-batch 128 --only-dit-fast --steps 20 --profile --out "$OUT/fsdp_x2.json"
-      # NCCL chose its low-latency (LL) protocol for the per-block all-gathers and reduce-scatters: try Simple
-      NCCL_PROTO=Simple step fsdp_x2_simple python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
-        -m bench.train_step --per-gpu-batch 128 --only-dit-fast --steps 20 --profile --out "$OUT/fsdp_x2_simple.json" ;;
+        --per-gpu-batch 128 --only-dit-fast --steps 20 --profile --out "$OUT/fsdp_x2.json" ;;
+    microbench)  # the pytest-benchmark micro-benchmarks and their regression check (bench/test_microbench.py)
+      step microbench python3 -m pytest -q -p no:cacheprovider --timeout=900 bench/ --benchmark-only \
+        --benchmark-json "$OUT/microbench.json" ;;
     learn)
       step learning_test python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
         tests/gpu/test_train_gpu.py -k learns ;;
-    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train, sweep, quick, suite, fsdp-profile, learn"; exit 2 ;;
+    *) echo "unknown stage '$stage'; choose tests, kernel-tests, kernels, model, sampling, train, sweep, quick, suite, fsdp-profile, microbench, learn"; exit 2 ;;
   esac
 done
 exit $status
