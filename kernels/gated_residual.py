@@ -46,8 +46,12 @@ def _gated_residual_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     compute = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    # One grid axis, column blocks fastest: programs that run at the same time cover whole rows, contiguous
+    # memory, rather than one column stripe of many rows.
+    n_column_blocks = tl.cdiv(D, BLOCK_D)
+    program = tl.program_id(0).to(tl.int64)
+    rows = (program // n_column_blocks) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
+    cols = (program % n_column_blocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     mask = (rows < M)[:, None] & (cols < D)[None, :]  # (ROWS, BLOCK_D)
     sample = rows // T  # (ROWS,) which sample's gate each row uses
     x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(compute)
@@ -167,7 +171,7 @@ def _forward(x, y, gate, config: LaunchConfig | None = None) -> torch.Tensor:
     gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)
     out = torch.empty((B, T, D), dtype=x.dtype, device=x.device)  # (B, T, D)
     kernel = _gated_residual_fwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_gated_residual_fwd_kernel)
-    kernel[(triton.cdiv(M, rows), triton.cdiv(D, block_d))](
+    kernel[(triton.cdiv(M, rows) * triton.cdiv(D, block_d),)](
         x2, y2, gate, out, M, D, T, x2.stride(0), y2.stride(0), gate.stride(0),
         ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
