@@ -43,6 +43,7 @@ from bench import attention, configs, kernels, plots, suite_merge, suite_paralle
 from bench import model as model_bench
 from bench.environment import environment, gpu_slug, matmul_peak_tflops, save_report, slug
 from bench.flops import format_table
+from bench.suite_records import error_record, time_budget_spent
 from bench.suite_report import SCALING_BATCH, TRAIN_STEP_BATCH, markdown, targets
 from dit_fast.config import get_config
 from dit_fast.flops import FLOPS_PER_MAC, counted_forward_flops, flop_table
@@ -178,13 +179,6 @@ def run_task(task: Task) -> dict:
     return record
 
 
-def not_run(task: Task, time_budget_s: float) -> dict:
-    """The record of a task that the time budget left no time for."""
-    error = f"not run: the time budget (--time-budget {time_budget_s:g} s) was spent before it started"
-    return {"part": task.part, "label": task.label, "row": task.row, "seconds": 0.0,
-            "error": {"part": task.part, "error": error, "traceback": ""}}  # fmt: skip
-
-
 def collect(records: list[dict]) -> tuple[dict, dict, dict]:
     """(results by part, errors by task label, seconds by part) of task records, in the records' order."""
     parts, errors, seconds = {}, {}, {}
@@ -206,7 +200,7 @@ def run_tasks(tasks: list[Task], time_budget_s: float | None = None) -> tuple[di
     progress = tqdm(tasks, desc="bench", unit="task", dynamic_ncols=True)
     for task in progress:
         if time_budget_s is not None and time.perf_counter() - began > time_budget_s:
-            records.append(not_run(task, time_budget_s))
+            records.append(error_record(task, time_budget_spent(time_budget_s)))
             continue
         progress.set_description(task.label)
         records.append(run_task(task))

@@ -15,8 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from bench.suite_records import error_record, time_budget_spent
 
 LONGEST_FIRST = ("model", "train_step")  # one task each, 4-5 minutes on an H200
 POLL_S = 2.0
@@ -72,13 +75,10 @@ def read_records(paths: list[str]) -> list[dict]:
 def missing_record(task, claimed: bool, logs: str, time_budget_s: float | None) -> dict:
     """The error record of a task that has no record: its worker died during it, or nobody started it."""
     if claimed:
-        error = f"the worker running this task exited before it finished; worker logs end with:\n{logs}"
-    elif time_budget_s is not None:
-        error = f"not run: the time budget (--time-budget {time_budget_s:g} s) was spent before it started"
-    else:
-        error = f"not run: every worker exited before it started; worker logs end with:\n{logs}"
-    return {"part": task.part, "label": task.label, "row": task.row, "seconds": 0.0,
-            "error": {"part": task.part, "error": error, "traceback": ""}}  # fmt: skip
+        return error_record(task, f"the worker running this task exited before it finished; worker logs end with:\n{logs}")
+    if time_budget_s is not None:
+        return error_record(task, time_budget_spent(time_budget_s))
+    return error_record(task, f"not run: every worker exited before it started; worker logs end with:\n{logs}")
 
 
 def run_on_gpus(tasks: list, selection: dict, gpus: list[str], time_budget_s: float | None = None) -> list[dict]:
@@ -104,7 +104,7 @@ def run_on_gpus(tasks: list, selection: dict, gpus: list[str], time_budget_s: fl
                 time.sleep(POLL_S)
                 progress.update(len(read_records(record_paths)) - progress.n)
         by_index = {record.pop("index"): record for record in read_records(record_paths)}
-        logs = "\n".join(open(log).read()[-LOG_TAIL_CHARS:] for log in log_paths)
+        logs = "\n".join(Path(log).read_text()[-LOG_TAIL_CHARS:] for log in log_paths)
         claimed = {int(name.removesuffix(".claim")) for name in os.listdir(scratch) if name.endswith(".claim")}
     return [
         by_index.get(index) or missing_record(task, index in claimed, logs, time_budget_s)

@@ -115,15 +115,19 @@ class LaunchConfig(NamedTuple):
     rows_per_chunk: int = 0  # backward only: rows of one sample that one program reduces
 
 
+def _block_d(D: int) -> int:
+    return min(MAX_BLOCK_D, triton.next_power_of_2(D))
+
+
 def forward_config(M: int, D: int) -> LaunchConfig:
     """The forward's launch rule (module docstring)."""
-    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(D))
+    block_d = _block_d(D)
     return LaunchConfig(FORWARD_TILE // block_d, block_d, FORWARD_WARPS)
 
 
 def backward_config(M: int, D: int) -> LaunchConfig:
     """The backward's launch rule (module docstring): about BACKWARD_PROGRAMS programs, power-of-two chunks."""
-    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(D))
+    block_d = _block_d(D)
     rows = BACKWARD_TILE // block_d
     n_column_blocks = triton.cdiv(D, block_d)
     rows_per_chunk = max(rows, min(1024, triton.next_power_of_2(triton.cdiv(M * n_column_blocks, BACKWARD_PROGRAMS))))
