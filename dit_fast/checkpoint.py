@@ -1,6 +1,7 @@
 """Reading the official single-file DiT format (released checkpoints, exports, original training checkpoints)."""
 import argparse
 import os
+import zipfile
 
 import torch
 
@@ -17,13 +18,9 @@ def read_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the path of a local .pt file")
     if str(path).endswith(".safetensors"):
         return read_safetensors(path)
+    mmap = mmap and zipfile.is_zipfile(path)  # the legacy (non-zip) format cannot be memory-mapped
     with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no memory map
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if isinstance(obj, dict) and "ema" in obj:
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -36,8 +33,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise ImportError(f"reading {str(path)!r} needs the safetensors package: pip install safetensors") from None
+        raise safetensors_missing(path) from None
     return load_file(str(path), device="cpu")
+
+
+def safetensors_missing(path: str | os.PathLike) -> ImportError:
+    return ImportError(f"reading {str(path)!r} needs the safetensors package: pip install safetensors")
 
 
 def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
@@ -66,9 +67,12 @@ def image_size_of(state: dict[str, torch.Tensor], patch_size: int) -> int:
 LABEL_TABLE_KEY = "y_embedder.embedding_table.weight"
 
 
-def _classes_of_table(rows: int, class_dropout_prob: float) -> int:
-    """Classes of a label embedding table: its rows, less the null class row that guidance adds with dropout."""
-    return rows - int(class_dropout_prob > 0)
+def _classes_of_table(shape: tuple[int, ...] | None, class_dropout_prob: float) -> int | None:
+    """Classes of a label embedding table of this shape: its rows, less the null class row that guidance adds
+    with dropout; None when it is no 2-D table."""
+    if shape is None or len(shape) != 2:
+        return None
+    return shape[0] - int(class_dropout_prob > 0)
 
 
 def checkpoint_num_classes(path: str | os.PathLike, name: str) -> int | None:
@@ -78,25 +82,23 @@ def checkpoint_num_classes(path: str | os.PathLike, name: str) -> int | None:
         try:
             from safetensors import safe_open
         except ImportError:
-            read_safetensors(path)  # raises the error that says what to install
+            raise safetensors_missing(path) from None
         with safe_open(str(path), "pt") as file:
             shape = file.get_slice(LABEL_TABLE_KEY).get_shape() if LABEL_TABLE_KEY in file.keys() else None
     else:
         table = read_state_dict(path, mmap=True).get(LABEL_TABLE_KEY)
         shape = None if table is None else tuple(table.shape)
-    if shape is None or len(shape) != 2:
-        return None
-    return _classes_of_table(shape[0], DIT_CONFIGS[name].class_dropout_prob)
+    return _classes_of_table(shape, DIT_CONFIGS[name].class_dropout_prob)
 
 
 def with_num_classes(name: str, state: dict[str, torch.Tensor], model_kwargs: dict, path: str | os.PathLike) -> dict:
     """model_kwargs with the class count of the checkpoint's label embedding table (its rows less the null class
     row of guidance); a num_classes given in model_kwargs must match it."""
     table = state.get(LABEL_TABLE_KEY)
-    if table is None or table.ndim != 2:
-        return model_kwargs  # not a DiT label table: load_checked names what is wrong
     dropout = model_kwargs.get("class_dropout_prob", DIT_CONFIGS[name].class_dropout_prob)
-    implied = _classes_of_table(table.shape[0], dropout)
+    implied = _classes_of_table(None if table is None else tuple(table.shape), dropout)
+    if implied is None:
+        return model_kwargs  # not a DiT label table: load_checked names what is wrong
     given = model_kwargs.get("num_classes", implied)
     if given != implied:
         raise ValueError(

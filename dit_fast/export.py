@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from dit_fast.config import DIT_CONFIGS
 from dit_fast.model import create_model
 from dit_fast.train_state import is_checkpoint, latest_checkpoint, read_trainer_state
 
@@ -35,12 +34,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def saved_model_kwargs(trainer_state: dict) -> dict:
-    """create_model's image_size, block and num_classes for the run that wrote trainer.json; checkpoints from
-    before --num-classes have the model config's class count, which they were trained with."""
-    num_classes = trainer_state.get("num_classes")
-    if num_classes is None:
-        num_classes = DIT_CONFIGS[trainer_state["model"]].num_classes
-    return {"image_size": trainer_state["image_size"], "block": trainer_state["block"], "num_classes": num_classes}
+    """create_model's image_size, block and num_classes for the run that wrote trainer.json."""
+    return {key: trainer_state[key] for key in ("image_size", "block", "num_classes")}
 
 
 def read_ema_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -200,7 +200,7 @@ def load_pipeline(args: argparse.Namespace, settings: dict) -> Pipeline:
     device = settings["device"]
     vae = None if args.no_vae else VAE.from_pretrained(args.vae, device, option=VAE_OPTION, alternative=NO_VAE_HINT)
     model = build_model(
-        args.model, args.ckpt, args.image_size, args.block, args.num_classes, args.attn, settings["fused"]
+        args.model, args.ckpt, args.image_size, args.block, settings["num_classes"], args.attn, settings["fused"]
     )
     return Pipeline(model, vae, device, settings["precision"], args.cuda_graph, args.compile)
 

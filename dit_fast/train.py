@@ -38,7 +38,6 @@ from dit_fast.config import BLOCK_TYPES, DIT_CONFIGS, IMAGE_SIZES, VAE_DOWNSAMPL
 from dit_fast.data import MAX_CLASSES, check_image_size
 from dit_fast.diffusion import create_diffusion
 from dit_fast.ema import DEFAULT_DECAY, ShardedEMA
-from dit_fast.export import saved_model_kwargs
 from dit_fast.flops import train_flops_per_image
 from dit_fast.images import make_grid
 from dit_fast.latent_data import read_meta
@@ -331,7 +330,6 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def check_resumable(saved: dict, current: dict, path: Path) -> None:
     """The checkpoint's run settings (RESUMED_RUN_KEYS) must be this run's."""
-    saved = dict(saved, **saved_model_kwargs(saved))  # checkpoints from before --num-classes hold no class count
     differing = [
         f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in RESUMED_RUN_KEYS if saved.get(key) != current[key]
     ]

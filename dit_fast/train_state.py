@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from dit_fast.config import DIT_CONFIGS
 from dit_fast.ema import ShardedEMA
 from dit_fast.parallel import DistEnv
 
@@ -66,7 +67,10 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
             f"{str(path)!r} is not a complete training checkpoint (no {TRAINER_FILE} and .metadata); "
             f"pass a directory like results/<run>/checkpoints/{checkpoint_name(1000)}"
         )
-    return json.loads((path / TRAINER_FILE).read_text())
+    state = json.loads((path / TRAINER_FILE).read_text())
+    # checkpoints from before --num-classes hold no class count: they have their model config's
+    state.setdefault("num_classes", DIT_CONFIGS[state["model"]].num_classes)
+    return state
 
 
 def capture_rng_state() -> dict:
