@@ -97,9 +97,7 @@ def time_training(
 def measure_training(name: str, variant: str, quick: bool, peak_tflops: float) -> dict:
     """Training throughput of one config and variant at the largest batch that fits."""
     model, run, autocast = build_for_training(name, variant)
-    optimizer = make_optimizer(
-        "adamw", [p for p in model.parameters() if p.requires_grad], LEARNING_RATE, torch.device("cuda")
-    )
+    optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], LEARNING_RATE)
     warmup, iters = (2, 5) if quick else (3, 10)
     out_of_memory_at = []
     for batch in QUICK_TRAIN_BATCHES if quick else TRAIN_BATCHES:

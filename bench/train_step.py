@@ -3,8 +3,10 @@ original recipe, in the same run.
 
 dit_fast: the step train.py runs (dit_fast.train_step.TrainStep): FSDP2 (one rank here), bf16 compute with fp32
 master weights, the fused Triton path with auto attention, blocks compiled one by one, fused AdamW, the
-sharded EMA's one foreach lerp, the loop's per-step randomness, and the one all-reduce of [loss, grad
-norm]; timed with the per-step finite check (the default: one host sync) and without it.
+sharded EMA's foreach lerp, the loop's per-step randomness, and the one all-reduce of [loss, grad
+norm], whose finiteness is checked on the device (finite_check "device": what train.py does; nothing is
+read back). At the first batch on one GPU also with the record read back every step ("host": train.py's
+former per-step sync), to measure what that sync cost.
 Original recipe: the reference model (attn="sdpa") with fp32 weights under bf16 autocast and
 torch.compile (whole model, static shapes), foreach AdamW, and a per-parameter EMA loop.
 
@@ -28,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from bench.environment import environment, matmul_peak_tflops, require_cuda, save_report
+from bench.environment import environment, kernel_time_ms, matmul_peak_tflops, require_cuda, save_report
 from bench.model import kernel_profile
 from dit_fast.config import get_config
 from dit_fast.diffusion import create_diffusion
@@ -89,21 +91,23 @@ def row(
     return result
 
 
-def dit_fast_step(trainer: TrainStep, env: DistEnv, batch: int, check_finite: bool) -> Callable[[], None]:
-    """train.py's step on fixed latents: the step's random draws, gradients, (finite check), update."""
+def dit_fast_step(trainer: TrainStep, env: DistEnv, batch: int, read_every_step: bool) -> Callable[[], None]:
+    """train.py's step on fixed latents: the step's random draws, gradients, update (finite check on the device),
+    and with read_every_step the host read of the check's record."""
     cfg = trainer.model.cfg
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=env.device)  # (n, C, h, w)
     y = torch.randint(0, cfg.num_classes, (batch,), device=env.device)  # (n,)
     steps_done = iter(range(10**9))
 
     def step() -> None:
+        step_number = next(steps_done)
         draws = draw_step_randomness(
-            0, next(steps_done), batch * env.world_size, x.shape[1:], 1000, trainer.label_dropout, env
+            0, step_number, batch * env.world_size, x.shape[1:], 1000, trainer.label_dropout, env
         )
         stats = trainer.gradients(x, y, draws.t, draws.noise, draws.drop_label)
-        if check_finite and not bool(stats.finite()):
+        trainer.update(stats, step_number + 1)
+        if read_every_step and trainer.first_non_finite() is not None:
             raise RuntimeError("non-finite loss in the benchmark")
-        trainer.update(stats)
 
     return step
 
@@ -111,22 +115,34 @@ def dit_fast_step(trainer: TrainStep, env: DistEnv, batch: int, check_finite: bo
 def bench_dit_fast(
     env: DistEnv, batches: list[int], peak: float, flops: int, steps: int, warmup: int, profile_first: bool = False
 ) -> list[dict]:
-    """Every batch with the finite check; the first batch also without it, on one GPU (its cost). With
+    """Every batch as train.py runs it; the first batch also with a host read every step, on one GPU. With
     profile_first, the first row also gets bench.model's GPU-time split and costliest kernels of one step."""
     model = build_fsdp_model(MODEL, env, seed=0, image_size=IMAGE_SIZE, attn="auto", fused=True, compile_blocks=True)
-    optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], LR, env.device)
+    optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], LR)
     trainer = TrainStep(model, create_diffusion(""), optimizer, ShardedEMA(model, DEFAULT_DECAY))
     results = []
     for batch in batches:
-        checks = (True, False) if batch == batches[0] and env.world_size == 1 else (True,)
-        for check_finite in checks:
+        checks = ("device", "host") if batch == batches[0] and env.world_size == 1 else ("device",)
+        for check in checks:
             torch.cuda.reset_peak_memory_stats(env.device)
-            step = dit_fast_step(trainer, env, batch, check_finite)
+            step = dit_fast_step(trainer, env, batch, read_every_step=check == "host")
             first_s, step_ms = time_steps(step, steps, warmup)
-            results.append(row("dit_fast", batch, env, first_s, step_ms, peak, flops, finite_check=check_finite))
+            results.append(row("dit_fast", batch, env, first_s, step_ms, peak, flops, finite_check=check))
             if profile_first and len(results) == 1:
                 results[0].update(kernel_profile(step, iters=2, top=40))
+    if env.world_size == 1:
+        results[0]["ema_update_gpu_ms"] = ema_update_cost(trainer.ema)
     return results
+
+
+def ema_update_cost(ema: ShardedEMA) -> dict:
+    """GPU ms of one EMA update: the plain foreach lerp against the skippable one (a () device weight per
+    shard, which takes torch's per-tensor path) that TrainStep runs."""
+    active = torch.ones((), device=ema.shadow[0].device)
+    return {
+        "scalar_weight": round(kernel_time_ms(ema.update), 3),
+        "device_weight": round(kernel_time_ms(lambda: ema.update(active=active)), 3),
+    }
 
 
 class OriginalRecipe:
@@ -167,7 +183,7 @@ def bench_original(env: DistEnv, batches: list[int], peak: float, flops: int, st
     for batch in batches:
         torch.cuda.reset_peak_memory_stats(env.device)
         first_s, step_ms = time_steps(recipe.step_on(batch), steps, warmup)
-        results.append(row("original", batch, env, first_s, step_ms, peak, flops, finite_check=False))
+        results.append(row("original", batch, env, first_s, step_ms, peak, flops, finite_check="none"))
     return results
 
 
@@ -180,15 +196,15 @@ def release_memory() -> None:
 
 def summary(results: list[dict], world_size: int) -> dict:
     """Speed-ups against the original recipe at each batch, and the targets, for one GPU."""
-    ours = {r["per_gpu_batch"]: r for r in results if r["impl"] == "dit_fast" and r["finite_check"]}
+    ours = {r["per_gpu_batch"]: r for r in results if r["impl"] == "dit_fast" and r["finite_check"] == "device"}
     original = {r["per_gpu_batch"]: r for r in results if r["impl"] == "original"}
-    unchecked = {r["per_gpu_batch"]: r for r in results if r["impl"] == "dit_fast" and not r["finite_check"]}
+    host_read = {r["per_gpu_batch"]: r for r in results if r["impl"] == "dit_fast" and r["finite_check"] == "host"}
     out = {
         "speedup_vs_original": {
             b: round(ours[b]["img_per_s"] / original[b]["img_per_s"], 3) for b in ours if b in original
         },
-        "finite_check_cost_pct": {
-            b: round(100 * (ours[b]["median_ms"] / unchecked[b]["median_ms"] - 1), 2) for b in ours if b in unchecked
+        "per_step_host_read_cost_pct": {
+            b: round(100 * (host_read[b]["median_ms"] / ours[b]["median_ms"] - 1), 2) for b in ours if b in host_read
         },
     }
     if world_size == 1 and 256 in ours:
@@ -223,6 +239,11 @@ def run(quick: bool = False, per_gpu_batches: list[int] | None = None, only_dit_
         }  # fmt: skip
 
 
+def check_label(finite_check: str | bool) -> str:
+    """Results before the device-side check hold a bool: True was the per-step host read, False none."""
+    return {True: "host", False: "none"}.get(finite_check, finite_check)
+
+
 def markdown(report: dict) -> str:
     lines = [
         (
@@ -235,7 +256,7 @@ def markdown(report: dict) -> str:
     ]  # fmt: skip
     for r in report["results"]:
         lines.append(
-            f"| {r['impl']} | {r['world_size']} | {r['per_gpu_batch']} | {'yes' if r['finite_check'] else 'no'} | "
+            f"| {r['impl']} | {r['world_size']} | {r['per_gpu_batch']} | {check_label(r['finite_check'])} | "
             f"{r['median_ms']} | {r['img_per_s']} | {r['tflops_per_gpu']} | {r['mfu']:.1%} | {r['peak_mem_gib']} | "
             f"{r['compile_s']} |"
         )

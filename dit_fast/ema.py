@@ -33,10 +33,18 @@ class ShardedEMA:
         self._shadow_shards = [local_tensor(tensor) for tensor in self.shadow]
 
     @torch.no_grad()
-    def update(self, decay: float | None = None) -> None:
-        """ema <- lerp(ema, param, 1 - decay) on every local shard in one foreach call."""
+    def update(self, decay: float | None = None, active: torch.Tensor | None = None) -> None:
+        """ema <- lerp(ema, param, 1 - decay) on every local shard in one foreach call.
+
+        active: a () device tensor, 1 to update and 0 to leave the EMA as it is (a skipped training step),
+        decided on the device without a host read.
+        """
         weight = 1.0 - (self.decay if decay is None else decay)
-        torch._foreach_lerp_(self._shadow_shards, self._param_shards, weight)
+        if active is None:
+            torch._foreach_lerp_(self._shadow_shards, self._param_shards, weight)
+        else:
+            weights = [active * weight] * len(self._shadow_shards)  # one () tensor, broadcast over each shard
+            torch._foreach_lerp_(self._shadow_shards, self._param_shards, weights)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{official name: fp32 (D)Tensor}; loading a checkpoint into it updates the EMA in place."""

@@ -12,11 +12,13 @@ whole global batch from a generator seeded by (global seed, step), and each rank
 data order is a per-epoch shuffle of global batches. So 1 and N GPUs at the same global batch see the
 same samples and noise, and a resumed run continues as the uninterrupted one would.
 
-One host sync per step, by design: the all-reduced loss and gradient norm are checked for finiteness
-before the optimizer step (a non-finite value stops every rank with the step named, and the last
-checkpoint stays good). It rides on the one all-reduce that also yields the logged loss and grad norm;
-bench/train_step.py measures its cost. Logged values are otherwise accumulated on the device and read
-every --log-every steps.
+No host sync per step: the all-reduced loss and gradient norm (one all-reduce, which also yields the
+logged values) are checked for finiteness on the device. From the first non-finite step on, every update
+is skipped there (dit_fast.train_step), so the weights, optimizer state and EMA stay those of the last
+good step; the host reads that record every --log-every steps and before each checkpoint or sample grid,
+and then stops every rank with the step named, so the last checkpoint stays good. Logged values are
+accumulated on the device and read at the same times. bench/train_step.py measures what the per-step
+host read it replaced cost.
 """
 
 import argparse
@@ -186,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--keep-last", type=int, default=3, help="complete checkpoints kept, 0 keeps all (default: %(default)s)"
     )
-    run.add_argument("--log-every", type=int, default=100, help="default: %(default)s")
+    run.add_argument(
+        "--log-every", type=int, default=100,
+        help="log, and read the on-device finite check, every N steps (default: %(default)s)",
+    )  # fmt: skip
     run.add_argument(
         "--sample-every", type=int, default=10_000,
         help="EMA sample grid every N steps and at the end, 0 for never (default: %(default)s)",
@@ -400,7 +405,7 @@ def run_training(
         args.model, env, args.global_seed, image_size=args.image_size, block=args.block, num_classes=args.num_classes,
         attn=args.attn, fused=fused, grad_ckpt=args.grad_ckpt, compile_blocks=compile_blocks,
     )  # fmt: skip
-    optimizer = make_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], args.lr, env.device)
+    optimizer = make_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], args.lr)
     ema = ShardedEMA(model, args.ema_decay)
     diffusion = create_diffusion("")  # 1000 linear-schedule steps, learned sigma: DiT's training process
     step_fn = TrainStep(model, diffusion, optimizer, ema, args.max_grad_norm)
@@ -474,28 +479,35 @@ def run_training(
             if hooks.nan_inputs_at_step == step + 1:
                 x = x * float("nan")
             stats = step_fn.gradients(x, labels, draws.t, draws.noise, draws.drop_label)
-            if not bool(stats.finite()):  # the documented per-step sync; identical on every rank
-                stop_reason = (
-                    f"non-finite loss or gradient norm at step {step + 1} (loss {stats.loss.item()}, grad norm "
-                    f"{stats.grad_norm.item()}); stopped before the optimizer step. The last good checkpoint is "
-                    f"{last_checkpoint or 'none (no checkpoint was written yet)'}"
-                )
-                logger.error(stop_reason)
-                break
-            step_fn.update(stats)
+            step_fn.update(stats, step + 1)  # skipped on the device from a non-finite step on
             step += 1
             position = next_position(position, sampler.batches_per_epoch)
             window.add(stats)
             progress.update(1)
-            if step % args.log_every == 0 or step == total_steps:
+            sample_due = args.sample_every and (step % args.sample_every == 0 or step == total_steps)
+            ckpt_due = step % args.ckpt_every == 0 or step == total_steps
+            log_due = step % args.log_every == 0 or step == total_steps
+            read_due = log_due or ckpt_due or sample_due or not step_fn.skips_on_device
+            bad = step_fn.first_non_finite() if read_due else None  # the only host read of the finite check
+            if bad is not None:  # the same record on every rank (it comes from all-reduced values)
+                stop_reason = (
+                    f"non-finite loss or gradient norm at step {bad.step} (loss {bad.loss}, grad norm "
+                    f"{bad.grad_norm}); stopped before the optimizer step: no update from it on was applied, and "
+                    f"training stopped at step {step}, when it was read. The last good checkpoint is "
+                    f"{last_checkpoint or 'none (no checkpoint was written yet)'}"
+                )
+                logger.error(stop_reason)
+                step = bad.step - 1  # the updates applied
+                break
+            if log_due:
                 last_metrics = log_metrics(
                     window, step, epoch, args, env, flops_per_image, first_window, writer, run_dir
                 )
                 progress.set_postfix(loss=f"{last_metrics['loss']:.4f}")
                 first_window = False
-            if step % args.ckpt_every == 0 or step == total_steps:
+            if ckpt_due:
                 last_checkpoint = save(step)
-            if args.sample_every and (step % args.sample_every == 0 or step == total_steps):
+            if sample_due:
                 grid_path = run_dir / "samples" / f"{checkpoint_name(step)}.png"
                 grid = sample_grid(ema, args, source, env, grid_path)
                 if env.is_main:

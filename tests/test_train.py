@@ -21,7 +21,7 @@ from dit_fast.train_data import DataPosition, GlobalBatchSampler, draw_step_rand
 from dit_fast.train_errors import UsageError
 from dit_fast.train_hooks import TrainHooks
 from dit_fast.train_state import latest_checkpoint
-from dit_fast.train_step import TrainStep
+from dit_fast.train_step import TrainStep, make_optimizer
 from tests.test_train_state import BASE_ARGS, RUN, checkpoint_tensors, metrics
 
 CPU = torch.device("cpu")
@@ -185,9 +185,47 @@ def test_clipping_scales_the_update_to_the_max_grad_norm():
         full_norm = torch.stack([p.grad.full_tensor().norm() for p in params]).norm()
         torch.testing.assert_close(stats.grad_norm, full_norm)
         trainer.max_grad_norm = 0.1 * stats.grad_norm.item()
-        trainer.update(stats)
+        trainer.update(stats, 1)
         moved = torch.stack([(p.detach().full_tensor() - b).norm() for p, b in zip(params, before)]).norm()
     torch.testing.assert_close(moved, torch.tensor(trainer.max_grad_norm), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("optimizer_name", ["fused-adamw", "sgd"])
+def test_updates_are_skipped_from_the_first_non_finite_step_on(optimizer_name):
+    """Fused AdamW skips on the device (found_inf) with no host read; an optimizer without found_inf (SGD here,
+    apex's FusedAdam in train.py) has the record read before it runs. Either way nothing moves after step 2."""
+    with distributed() as env:
+        model = build_fsdp_model("DiT-debug", env, seed=0, attn="sdpa")
+        params = [p for p in model.parameters() if p.requires_grad]
+        fused = optimizer_name == "fused-adamw"
+        optimizer = make_optimizer("adamw", params, 1e-3) if fused else torch.optim.SGD(params, lr=1e-3)
+        ema = ShardedEMA(model, decay=0.9)
+        trainer = TrainStep(model, create_diffusion(""), optimizer, ema)
+        assert trainer.skips_on_device == fused
+        generator = torch.Generator().manual_seed(0)
+        x, noise = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
+        t, y, keep = torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, 3]), torch.zeros(4, dtype=torch.bool)
+
+        def state() -> list[torch.Tensor]:
+            tensors = [p.detach().full_tensor().clone() for p in params]
+            tensors += [v.full_tensor().clone() for v in ema.state_dict().values()]
+            tensors += [v.full_tensor().clone() for s in optimizer.state.values() for v in s.values() if v.dim()]
+            return tensors
+
+        initial = [p.detach().full_tensor().clone() for p in params]
+        for step in (1, 2):
+            trainer.update(trainer.gradients(x, y, t, noise, keep), step)
+        assert trainer.first_non_finite() is None
+        after_two = state()
+        assert any(not torch.equal(now, then) for now, then in zip(after_two, initial))  # good steps do update
+        trainer.update(trainer.gradients(x * float("nan"), y, t, noise, keep), 3)
+        trainer.update(trainer.gradients(x, y, t, noise, keep), 4)  # finite again, but the run is halted
+        bad = trainer.first_non_finite()
+        assert bad is not None and bad.step == 3 and bad.loss != bad.loss  # NaN loss recorded at step 3
+        for now, then in zip(state(), after_two, strict=True):
+            assert torch.equal(now, then)
+        if fused:
+            assert all(int(s["step"]) == 2 for s in optimizer.state.values())  # skipped steps are not counted
 
 
 # ---- data order and step randomness -------------------------------------------------------------------
@@ -235,10 +273,11 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
         captured["ema"] = objects.ema.full_state_dict()
         captured["step"] = objects.step
 
-    argv = BASE_ARGS + ["--max-steps", "6", "--ckpt-every", "2", "--results-dir", str(tmp_path)]
+    argv = BASE_ARGS + ["--max-steps", "6", "--ckpt-every", "2", "--log-every", "5", "--results-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="non-finite loss or gradient norm at step 3") as exit_info:
         main(argv, hooks=TrainHooks(nan_inputs_at_step=3, on_finish=capture))
     assert "stopped before the optimizer step" in str(exit_info.value.code)
+    assert "training stopped at step 4" in str(exit_info.value.code)  # read with the step-4 checkpoint due
     checkpoints = tmp_path / RUN / "checkpoints"
     assert latest_checkpoint(checkpoints).name == "0000002" and sorted(p.name for p in checkpoints.iterdir()) == [
         "0000002"
