@@ -5,8 +5,8 @@ dit_fast: the step train.py runs (dit_fast.train_step.TrainStep): FSDP2 (one ran
 master weights, the fused Triton path with auto attention, blocks compiled one by one, fused AdamW, the
 sharded EMA's foreach lerp, the loop's per-step randomness, and the one all-reduce of [loss, grad
 norm], whose finiteness is checked on the device (finite_check "device": what train.py does; nothing is
-read back). At the first batch on one GPU also with the record read back every step ("host": train.py's
-former per-step sync), to measure what that sync cost.
+read back). At the first batch also with the record read back every step ("host": train.py's former
+per-step sync), to measure what that sync cost.
 Original recipe: the reference model (attn="sdpa") with fp32 weights under bf16 autocast and
 torch.compile (whole model, static shapes), foreach AdamW, and a per-parameter EMA loop.
 
@@ -115,14 +115,14 @@ def dit_fast_step(trainer: TrainStep, env: DistEnv, batch: int, read_every_step:
 def bench_dit_fast(
     env: DistEnv, batches: list[int], peak: float, flops: int, steps: int, warmup: int, profile_first: bool = False
 ) -> list[dict]:
-    """Every batch as train.py runs it; the first batch also with a host read every step, on one GPU. With
+    """Every batch as train.py runs it; the first batch also with a host read every step. With
     profile_first, the first row also gets bench.model's GPU-time split and costliest kernels of one step."""
     model = build_fsdp_model(MODEL, env, seed=0, image_size=IMAGE_SIZE, attn="auto", fused=True, compile_blocks=True)
     optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], LR)
     trainer = TrainStep(model, create_diffusion(""), optimizer, ShardedEMA(model, DEFAULT_DECAY))
     results = []
     for batch in batches:
-        checks = ("device", "host") if batch == batches[0] and env.world_size == 1 else ("device",)
+        checks = ("device", "host") if batch == batches[0] else ("device",)
         for check in checks:
             torch.cuda.reset_peak_memory_stats(env.device)
             step = dit_fast_step(trainer, env, batch, read_every_step=check == "host")
