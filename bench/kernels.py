@@ -1,7 +1,7 @@
 """Fused Triton ops against their PyTorch references: eager, torch.compile (Inductor) and Triton, bf16.
 
-Ops: ln_modulate, gated_residual_ln_modulate, gated_residual, final_layer, at DiT-XL/2 widths (D = 1152,
-final layer O = 32): 256px (T = 256) with B = 128 and 256, 512px (T = 1024) with B = 32 and 64. Each is
+Ops: ln_modulate, gated_residual_ln_modulate, gated_residual, final_layer, bias_gelu (the MLP's bias + tanh
+GELU, on the (M, 4D) hidden activation), at DiT-XL/2 widths (D = 1152, MLP hidden 4608, final layer O = 32): 256px (T = 256) with B = 128 and 256, 512px (T = 1024) with B = 32 and 64. Each is
 timed forward (recording autograd, as in training), backward (autograd.grad of a retained graph) and
 forward+backward, as GPU time: the summed device time of the kernels of 10 calls under torch.profiler
 (bench.environment.kernel_time_ms), so the host overhead of eager autograd and op dispatch, hidden behind
@@ -23,6 +23,8 @@ import torch
 from bench.environment import benchmark_main, copy_bandwidth_gbps, git_commit, kernel_time_ms
 
 from dit_fast.kernels import (
+    bias_gelu,
+    bias_gelu_ref,
     final_layer,
     final_layer_ref,
     gated_residual,
@@ -37,6 +39,7 @@ DTYPE = torch.bfloat16
 ELEMENT_BYTES = 2  # bf16
 STATS_BYTES = 4  # fp32 mean, rstd per row
 WIDTH = 1152  # DiT-XL/2 hidden size D
+MLP_HIDDEN = 4 * WIDTH  # DiT's mlp_ratio 4
 FINAL_OUT = 32  # DiT-XL/2 final layer O = patch 2 * 2 * (4 latent channels * 2 for learned sigma)
 SHAPES = ((128, 256), (256, 256), (32, 1024), (64, 1024))  # (B, T): 256px and 512px training batches
 QUICK_SHAPES = ((256, 256), (64, 1024))
@@ -85,6 +88,11 @@ def _final_layer_inputs(B: int, T: int) -> dict:
     weight = (torch.randn(FINAL_OUT, WIDTH, device="cuda", dtype=DTYPE) / WIDTH**0.5).requires_grad_()  # (O, D)
     bias = torch.randn(FINAL_OUT, device="cuda", dtype=DTYPE, requires_grad=True)  # (O,)
     return {"x": _activation(B, T), "shift": shift, "scale": scale, "weight": weight, "bias": bias}
+
+
+def _bias_gelu_inputs(B: int, T: int) -> dict:
+    bias = torch.randn(MLP_HIDDEN, device="cuda", dtype=DTYPE, requires_grad=True)  # (H,)
+    return {"z": _activation(B, T, MLP_HIDDEN), "bias": bias}
 
 
 # Minimal bytes per pass, with M = B*T rows, D = WIDTH, O = FINAL_OUT, e = 2 (bf16), s = 4 (fp32 stats).
@@ -148,6 +156,16 @@ OP_CASES = (
         + 4 * _mod(B)
         + (2 * FINAL_OUT * WIDTH + FINAL_OUT) * ELEMENT_BYTES
         + _stats(B, T),
+    ),
+    OpCase(
+        "bias_gelu",
+        bias_gelu,
+        bias_gelu_ref,
+        _bias_gelu_inputs,
+        # read z, write a: 2 (M, H) activations; read bias (H,)
+        lambda B, T: 2 * _act(B, T, MLP_HIDDEN) + MLP_HIDDEN * ELEMENT_BYTES,
+        # read da, z, write dz: 3 (M, H) activations; read bias, write dbias
+        lambda B, T: 3 * _act(B, T, MLP_HIDDEN) + 2 * MLP_HIDDEN * ELEMENT_BYTES,
     ),
 )
 

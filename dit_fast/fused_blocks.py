@@ -9,16 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from dit_fast.blocks import AdaLNBlock, AdaLNZeroBlock, FinalLayer, Mlp
-from dit_fast.kernels import final_layer, gated_residual, gated_residual_ln_modulate, ln_modulate
+from dit_fast.kernels import bias_gelu, final_layer, gated_residual, gated_residual_ln_modulate, ln_modulate
 
 
 class FusedMlp(Mlp):
-    """Mlp whose fc1 + bias + tanh-GELU is one cuBLASLt matmul with a GELU epilogue when no gradient is needed.
+    """Mlp whose bias + tanh-GELU is fused: into fc1's matmul without gradients on CUDA, else a Triton op.
 
-    cuBLASLt's GELU epilogue is the tanh approximation on CUDA; PyTorch's CPU kernel for the same op uses
-    the exact GELU, so the epilogue is used on CUDA only. With gradients the compiled graph fuses bias and
-    GELU into one pointwise kernel instead (the op has no autograd formula). `gelu_epilogue=False` turns the
-    epilogue off, for measuring it.
+    Without gradients on CUDA, fc1 + bias + GELU is one cuBLASLt matmul with a GELU epilogue (the tanh
+    approximation; PyTorch's CPU kernel for the same op uses the exact GELU, so the epilogue is CUDA-only).
+    Otherwise (training, or `gelu_epilogue=False`, which turns the epilogue off for measuring it, or the
+    CPU, where the Triton interpreter runs it as it does the other fused ops) fc1 is a plain matmul and
+    `bias_gelu` (kernels/bias_gelu.py) adds the bias and applies GELU in one bandwidth-bound kernel, with a
+    backward kernel that writes the pre-activation gradient and fc1's bias gradient in the same pass.
     """
 
     def __init__(self, hidden_size: int, mlp_hidden: int):
@@ -30,7 +32,8 @@ class FusedMlp(Mlp):
             rows = x.reshape(-1, x.shape[-1])  # (N*T, D)
             hidden = torch._addmm_activation(self.fc1.bias, rows, self.fc1.weight.t(), use_gelu=True)
             return self.fc2(hidden).view(*x.shape[:-1], -1)
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        z = F.linear(x, self.fc1.weight)  # (N, T, mlp_hidden), no bias
+        return self.fc2(bias_gelu(z, self.fc1.bias.to(z.dtype)))  # the cast is a no-op unless under autocast
 
 
 class FusedAdaLNZeroBlock(AdaLNZeroBlock):

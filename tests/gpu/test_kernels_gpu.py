@@ -1,14 +1,19 @@
-"""GPU-only kernel tests: DiT-XL/2 shapes in bf16 for all four ops, tensors past 2^31 elements, and
+"""GPU-only kernel tests: DiT-XL/2 shapes in bf16 for all the ops, tensors past 2^31 elements, and
 torch.compile(fullgraph=True) of a block built from the ops (forward and backward, no graph break).
 
 Run on a GPU machine with `pytest -m gpu tests/gpu`. The three-way rule compares against a float64
 reference (an H200 has memory to spare for it), via tests/test_ln_modulate.check_against_reference, which
 also poisons the outputs with NaN blocks through the caching allocator before each call.
 """
+import importlib
+
 import pytest
 import torch
 
+from dit_fast.fused_blocks import FusedMlp
 from dit_fast.kernels import (
+    bias_gelu,
+    bias_gelu_ref,
     final_layer,
     final_layer_ref,
     gated_residual,
@@ -21,10 +26,13 @@ from dit_fast.kernels import (
 from tests.test_ln_modulate import check_against_reference
 from tests.tolerance import assert_three_way
 
+bg = importlib.import_module("dit_fast.kernels.bias_gelu")  # the module (the package exports the function)
+
 pytestmark = pytest.mark.gpu
 
 XL_WIDTH = 1152  # DiT-XL/2 hidden size
 XL_FINAL_OUT = 2 * 2 * 8  # patch 2 x 2, 4 latent channels x 2 (learned sigma)
+XL_MLP_HIDDEN = 4 * XL_WIDTH  # 4608
 
 
 def _adaln_views(B: int, D: int, n: int, dtype=torch.bfloat16) -> tuple:
@@ -152,6 +160,94 @@ def test_gated_residual_ln_modulate_past_int32_offsets():
     _compare_last_sample_grads(gated_residual_ln_modulate_ref, inputs, cotangents, dict(zip(inputs, grads)))
 
 
+def _bias_gelu_inputs(M: int, H: int = XL_MLP_HIDDEN, scale: float = 2.0) -> dict:
+    """bf16 z (M, H), spread to reach GELU's tails, and bias (H,)."""
+    return {
+        "z": (scale * torch.randn(M, H, device="cuda")).to(torch.bfloat16),
+        "bias": torch.randn(H, device="cuda", dtype=torch.bfloat16),
+    }
+
+
+def test_bias_gelu_xl_bf16_fast_tanh():
+    """DiT-XL/2 training's MLP activation (M = B*T = 65536, H = 4608), bf16, the default tanh.approx path."""
+    assert bg.uses_fast_tanh(torch.bfloat16, torch.device("cuda"))
+    check_against_reference(bias_gelu, bias_gelu_ref, _bias_gelu_inputs(256 * 256), ("a",))
+
+
+def test_bias_gelu_tails_bf16_both_tanh_paths():
+    """u = z + bias spread over [-12, 12] (GELU's tails, where tanh.approx's error is absolute), bf16, with the
+    tanh.approx path and the exact exp path, output and both gradients against the fp64 reference."""
+    M, H = 4096, XL_MLP_HIDDEN
+    z = (24.0 * torch.rand(M, H, device="cuda") - 12.0).to(torch.bfloat16)
+    bias = (0.1 * torch.randn(H, device="cuda")).to(torch.bfloat16)
+    grad = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
+    z64, b64 = z.double().requires_grad_(), bias.double().requires_grad_()
+    zs, bs = z.clone().requires_grad_(), bias.clone().requires_grad_()
+    ref64, same = bias_gelu_ref(z64, b64), bias_gelu_ref(zs, bs)
+    ref64_grads = torch.autograd.grad(ref64, (z64, b64), grad.double())
+    same_grads = torch.autograd.grad(same, (zs, bs), grad)
+    for fast_tanh in (True, False):
+        a = bg._forward(z, bias, fast_tanh=fast_tanh)
+        dz, dbias = bg._backward(grad, z, bias, fast_tanh=fast_tanh)
+        assert_three_way(a, ref64, same, f"a (fast_tanh={fast_tanh})")
+        assert_three_way(dz, ref64_grads[0], same_grads[0], f"dz (fast_tanh={fast_tanh})")
+        assert_three_way(dbias, ref64_grads[1], same_grads[1], f"dbias (fast_tanh={fast_tanh})")
+
+
+# M * H = 466,036 * 4608 = 2,147,493,888 > 2^31 elements (4.3 GB per bf16 tensor): the last three rows start
+# past int32 offsets and the one before them crosses the boundary.
+BIAS_GELU_HUGE_M = 2**31 // XL_MLP_HIDDEN + 3
+
+
+def test_bias_gelu_past_int32_offsets():
+    M, H = BIAS_GELU_HUGE_M, XL_MLP_HIDDEN
+    inputs = _bias_gelu_inputs(M)
+    z, bias = inputs["z"].requires_grad_(), inputs["bias"].requires_grad_()
+    a = bias_gelu(z, bias)
+    rows = torch.cat([torch.tensor([0, 1, M - 5, M - 4, M - 3, M - 2, M - 1]), torch.randint(0, M, (25,))]).cuda()
+    _compare_rows((a[rows].detach(),), bias_gelu_ref, {"z": z[rows].detach(), "bias": bias.detach()}, ("a",))
+    grad = torch.randn_like(a)
+    dz, dbias = torch.autograd.grad(a, (z, bias), grad)
+    del a
+
+    def row_grad(convert):  # dz of the checked rows, by the reference run on those rows alone
+        z_rows = convert(z[rows].detach()).requires_grad_()
+        return torch.autograd.grad(bias_gelu_ref(z_rows, convert(bias.detach())), z_rows, convert(grad[rows]))[0]
+
+    assert_three_way(dz[rows], row_grad(lambda t: t.double()), row_grad(lambda t: t.clone()), "dz rows")
+    ref_dbias = torch.zeros(H, dtype=torch.float64, device="cuda")
+    for start in range(0, M, 65536):  # the fp64 reference in slices of rows
+        b64 = bias.detach().double().requires_grad_()
+        out = bias_gelu_ref(z[start : start + 65536].detach().double(), b64)
+        ref_dbias += torch.autograd.grad(out, b64, grad[start : start + 65536].double())[0]
+    # fp32 sums rounded once to bf16 (2^-8 relative), plus the random walk of tanh.approx's errors over M rows
+    torch.testing.assert_close(dbias.double(), ref_dbias, rtol=2**-8, atol=2**-8 * ref_dbias.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_mlp_torch_compile_fullgraph_matches_eager(dtype):
+    """FusedMlp with gradients (fc1 matmul + bias_gelu + fc2) compiled with fullgraph=True: no graph break,
+    the same output and gradients as eager, at two batch sizes (the second recompiles)."""
+    torch.manual_seed(0)
+    mlp = FusedMlp(96, 384).cuda().to(dtype)
+    compiled = torch.compile(mlp, fullgraph=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for B in (3, 5):
+        x = torch.randn(B, 20, 96, device="cuda", dtype=dtype)
+        eager_out, eager_grads = _mlp_forward_backward(mlp, x)
+        compiled_out, compiled_grads = _mlp_forward_backward(compiled, x)
+        torch.testing.assert_close(compiled_out, eager_out, rtol=tol, atol=tol)
+        for eager_grad, compiled_grad in zip(eager_grads, compiled_grads):
+            torch.testing.assert_close(compiled_grad, eager_grad, rtol=tol, atol=tol)
+
+
+def _mlp_forward_backward(model, x):
+    x = x.detach().requires_grad_()
+    out = model(x)
+    grads = torch.autograd.grad(out, [x, *model.parameters()], torch.ones_like(out))
+    return out.detach(), grads
+
+
 class _FusedBlock(torch.nn.Module):
     """A DiT-like block wired through all four ops: adaLN-modulated norm, two gated residuals, final layer."""
 
@@ -194,7 +290,7 @@ def test_torch_compile_fullgraph_matches_eager():
             torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("op", ["ln_modulate", "gated_residual_ln_modulate", "final_layer"])
+@pytest.mark.parametrize("op", ["ln_modulate", "gated_residual_ln_modulate", "final_layer", "bias_gelu"])
 def test_inductor_launch_as_fast_as_eager_launch(op):
     """Inductor launches our kernels with its own argument types (a float comes in as fp64): the kernels must
     not slow down for it. Before eps was cast in-kernel, the LN forward ran 1.8x slower under torch.compile.
@@ -206,10 +302,12 @@ def test_inductor_launch_as_fast_as_eager_launch(op):
     gate, shift, scale = _adaln_views(B, D, 3)
     weight = torch.randn(XL_FINAL_OUT, D, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(XL_FINAL_OUT, device="cuda", dtype=torch.bfloat16)
+    mlp = _bias_gelu_inputs(B * T)
     calls = {
         "ln_modulate": lambda: ln_modulate(x, shift, scale),
         "gated_residual_ln_modulate": lambda: gated_residual_ln_modulate(x, y, gate, shift, scale),
         "final_layer": lambda: final_layer(x, shift, scale, weight, bias),
+        "bias_gelu": lambda: bias_gelu(mlp["z"], mlp["bias"]),
     }
     compiled = torch.compile(calls[op], fullgraph=True, dynamic=False)
     with torch.no_grad():
