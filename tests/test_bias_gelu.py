@@ -150,8 +150,8 @@ def test_bad_inputs_are_rejected(device):
         bias_gelu(z.int(), torch.zeros(8, dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match=r"z must be \(\.\.\., H\) with H >= 1; got shape \(\)"):
         bias_gelu(torch.tensor(1.0, device=device), torch.randn(1, device=device))
-    with pytest.raises(ValueError, match="fast_tanh=True needs fp32/bf16/fp16 on CUDA"):
-        bg._forward(z, torch.randn(8, device=device), fast_tanh=True)
+    with pytest.raises(ValueError, match="fast_tanh=True needs fp32/bf16/fp16 on CUDA"):  # fp64 everywhere
+        bg._forward(z.double(), torch.randn(8, device=device, dtype=torch.float64), fast_tanh=True)
     with pytest.raises(ValueError, match="rows_per_chunk must be >= 1 for the backward; got 0"):
         bg._backward(z, z, torch.randn(8, device=device), bg.LaunchConfig(4, 8, 1))
 
