@@ -174,15 +174,9 @@ def test_every_launch_config_matches_the_reference(block_m, block_h, rows_per_ch
     torch.testing.assert_close(dbias, ref_dbias.float(), rtol=1e-5, atol=1e-5)
 
 
-def test_launch_rule_at_dit_xl():
-    """At DiT-XL/2 training (M = 65536, H = 4608): 32 x 256 tiles, a few thousand backward programs."""
-    M, H = 65536, 4608
-    fwd, bwd = bg.forward_config(M, H), bg.backward_config(M, H)
-    assert (fwd.block_m, fwd.block_h) == (32, 256)
-    assert bwd.rows_per_chunk % bwd.block_m == 0
-    programs = triton_cdiv(H, bwd.block_h) * triton_cdiv(M, bwd.rows_per_chunk)
-    assert 2000 <= programs <= 4096, programs
-    for M in (1, 7, 300, 466036):  # chunks stay whole multiples of the tile, and within the grid limit
+def test_launch_rule_keeps_chunks_whole_tiles_within_the_grid_limit():
+    H = 4608
+    for M in (1, 7, 300, 65536, 466036, 2**31 // H + 3, 2**26):
         cfg = bg.backward_config(M, H)
         assert cfg.rows_per_chunk % cfg.block_m == 0 and triton_cdiv(M, cfg.rows_per_chunk) <= bg.MAX_CHUNKS
 
