@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dit_fast.kernels import bias_gelu, bias_gelu_ref
+from tests.determinism import assert_backward_deterministic
 from tests.test_ln_modulate import DTYPES, check_against_reference
 
 bg = importlib.import_module("dit_fast.kernels.bias_gelu")  # the module (the package exports the function)
@@ -105,14 +106,7 @@ def test_gradcheck_float64(device):
 
 def test_backward_is_deterministic(device):
     """Two backward passes on the same inputs give bit-identical dz and dbias (no atomics)."""
-    inputs = make_inputs(300, 1000, torch.bfloat16, device)
-    leaves = [t.detach().requires_grad_() for t in inputs.values()]
-    a = bias_gelu(*leaves)
-    cotangent = torch.randn_like(a)
-    first = torch.autograd.grad(a, leaves, cotangent, retain_graph=True)
-    second = torch.autograd.grad(a, leaves, cotangent)
-    for name, x, y in zip(inputs, first, second):
-        assert torch.equal(x, y), f"d{name} differs between two identical backward passes"
+    assert_backward_deterministic(bias_gelu, make_inputs(300, 1000, torch.bfloat16, device))
 
 
 def test_dbias_sums_the_unrounded_dz(device):

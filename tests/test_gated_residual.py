@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dit_fast.kernels import gated_residual, gated_residual_ref
+from tests.determinism import assert_backward_deterministic
 from tests.test_ln_modulate import DTYPES, check_against_reference
 
 gr = importlib.import_module("dit_fast.kernels.gated_residual")  # the module (the package exports the function)
@@ -73,14 +74,7 @@ def test_gradcheck_float64(device):
 
 def test_backward_is_deterministic(device):
     """Two backward passes on the same inputs give bit-identical gradients (no atomics)."""
-    inputs = make_inputs(2, 64, 384, torch.bfloat16, device)
-    leaves = [t.detach().requires_grad_() for t in inputs.values()]
-    out = gated_residual(*leaves)
-    cotangent = torch.randn_like(out)
-    first = torch.autograd.grad(out, leaves, cotangent, retain_graph=True)
-    second = torch.autograd.grad(out, leaves, cotangent)
-    for name, a, b in zip(inputs, first, second):
-        assert torch.equal(a, b), f"d{name} differs between two identical backward passes"
+    assert_backward_deterministic(gated_residual, make_inputs(2, 64, 384, torch.bfloat16, device))
 
 
 def test_bad_inputs_are_rejected(device):

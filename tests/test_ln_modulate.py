@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dit_fast.kernels import gated_residual_ln_modulate, gated_residual_ln_modulate_ref, ln_modulate, ln_modulate_ref
+from tests.determinism import assert_backward_deterministic
 from tests.tolerance import assert_three_way
 
 ln = importlib.import_module("dit_fast.kernels.ln_modulate")  # the module (the package exports the function)
@@ -154,15 +155,8 @@ def test_gradcheck_float64(residual, device):
 @pytest.mark.parametrize("residual", [False, True], ids=["ln_modulate", "gated_residual_ln_modulate"])
 def test_backward_is_deterministic(residual, device):
     """Two backward passes on the same inputs give bit-identical gradients (no atomics)."""
-    inputs = make_inputs(2, 64, 384, torch.bfloat16, device, residual)
-    leaves = [t.detach().requires_grad_() for t in inputs.values()]
     op = gated_residual_ln_modulate if residual else ln_modulate
-    outputs = _as_tuple(op(*leaves))
-    cotangents = [torch.randn_like(o) for o in outputs]
-    first = torch.autograd.grad(outputs, leaves, cotangents, retain_graph=True)
-    second = torch.autograd.grad(outputs, leaves, cotangents)
-    for name, a, b in zip(inputs, first, second):
-        assert torch.equal(a, b), f"d{name} differs between two identical backward passes"
+    assert_backward_deterministic(op, make_inputs(2, 64, 384, torch.bfloat16, device, residual))
 
 
 def test_width_past_the_block_cap_is_rejected(device):
