@@ -56,8 +56,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+from torch.library import triton_op
+
+from .launch import RUNS_IN_INTERPRETER, as_rows, launchable
 
 # constexpr globals go on the right of a tensor product: the interpreter's constexpr * tensor is not a tensor.
 K0 = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
@@ -153,11 +154,6 @@ def _bias_gelu_bwd_kernel(
     tl.store(DBIAS_PART_ptr + chunk.to(tl.int64) * H + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
-# Under TRITON_INTERPRET=1 triton.jit returns an InterpretedFunction: it runs eagerly on CPU tensors, and
-# wrap_triton rejects it before torch 2.13, so the launchers call it directly (no torch.compile on CPU).
-RUNS_IN_INTERPRETER = isinstance(_bias_gelu_fwd_kernel, InterpretedFunction)
-
-
 class LaunchConfig(NamedTuple):
     """How a kernel is launched: tiles of `block_m` x `block_h` (powers of two), `num_warps`, and (backward)
     the rows one program walks (best a multiple of block_m, so that only the last chunk has a ragged tile)."""
@@ -196,13 +192,6 @@ def _fast_tanh_flag(fast_tanh: bool | None, dtype: torch.dtype, device: torch.de
     return fast_tanh
 
 
-def _as_rows(t: torch.Tensor, H: int) -> torch.Tensor:
-    """View a (..., H) tensor as (M, H) rows with unit column stride, copying only if that is impossible."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(-1, H)  # (M, H): a view unless the rows are not evenly strided
-
-
 def _check_inputs(z: torch.Tensor, bias: torch.Tensor) -> None:
     """Raise a ValueError/TypeError naming the input whose shape, dtype or device does not fit."""
     if z.dtype not in SUPPORTED_DTYPES:
@@ -218,21 +207,17 @@ def _check_inputs(z: torch.Tensor, bias: torch.Tensor) -> None:
         raise ValueError(f"bias is on {bias.device}; expected z's device {z.device}")
 
 
-def _kernel(kernel):
-    return kernel if RUNS_IN_INTERPRETER else wrap_triton(kernel)
-
-
 def _forward(z, bias, config: LaunchConfig | None = None, fast_tanh: bool | None = None) -> torch.Tensor:
     """Launch the forward kernel; `config` and `fast_tanh` override the defaults (for a GPU sweep)."""
     H = z.shape[-1]
     a = torch.empty(z.shape, dtype=z.dtype, device=z.device)  # (..., H)
     if a.numel() == 0:
         return a
-    z2 = _as_rows(z, H)  # (M, H)
+    z2 = as_rows(z, H)  # (M, H)
     M = z2.shape[0]
     block_m, block_h, num_warps, _ = config or forward_config(M, H)
     bias = bias.contiguous()  # (H,)
-    _kernel(_bias_gelu_fwd_kernel)[(triton.cdiv(M, block_m) * triton.cdiv(H, block_h),)](
+    launchable(_bias_gelu_fwd_kernel)[(triton.cdiv(M, block_m) * triton.cdiv(H, block_h),)](
         z2, bias, a, M, H, z2.stride(0),
         BLOCK_M=block_m, BLOCK_H=block_h, FAST_TANH=_fast_tanh_flag(fast_tanh, z.dtype, z.device),
         num_warps=num_warps,
@@ -248,7 +233,7 @@ def _backward(
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)  # (..., H)
     if dz.numel() == 0:
         return dz, torch.zeros_like(bias)
-    da2, z2 = _as_rows(grad_a, H), _as_rows(z, H)  # (M, H)
+    da2, z2 = as_rows(grad_a, H), as_rows(z, H)  # (M, H)
     M = z2.shape[0]
     block_m, block_h, num_warps, rows_per_chunk = config or backward_config(M, H)
     if rows_per_chunk < 1:
@@ -259,7 +244,7 @@ def _backward(
     part_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     dbias_part = torch.empty((n_chunks, H), dtype=part_dtype, device=z.device)  # (n_chunks, H)
     bias = bias.contiguous()  # (H,)
-    _kernel(_bias_gelu_bwd_kernel)[(triton.cdiv(H, block_h), n_chunks)](
+    launchable(_bias_gelu_bwd_kernel)[(triton.cdiv(H, block_h), n_chunks)](
         da2, z2, bias, dz, dbias_part, M, H, rows_per_chunk, da2.stride(0), z2.stride(0),
         BLOCK_M=block_m, BLOCK_H=block_h, FAST_TANH=_fast_tanh_flag(fast_tanh, z.dtype, z.device), num_warps=num_warps,
     )  # fmt: skip

@@ -38,9 +38,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+from torch.library import triton_op
 
+from .launch import RUNS_IN_INTERPRETER, as_rows, launchable
 from .ln_modulate import MAX_BLOCK_D
 from .ln_modulate import _backward as ln_modulate_backward
 
@@ -149,16 +149,6 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Under TRITON_INTERPRET=1 triton.jit returns an InterpretedFunction: it runs eagerly on CPU tensors, and
-# wrap_triton rejects it before torch 2.13, so the launchers call it directly (no torch.compile on CPU).
-RUNS_IN_INTERPRETER = isinstance(_final_layer_fwd_kernel, InterpretedFunction)
-
-
-def _launchable(kernel):
-    """The kernel as torch.compile should see it: wrapped on the GPU, plain under the interpreter."""
-    return kernel if RUNS_IN_INTERPRETER else wrap_triton(kernel)
-
-
 def _wide_dot(dtype: torch.dtype) -> bool:
     """Whether tl.dot multiplies in fp32/fp64 ("ieee") rather than on 16-bit tensor-core operands.
 
@@ -172,12 +162,6 @@ def _wide_dot(dtype: torch.dtype) -> bool:
 def _dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: exact for wide floats (a string constexpr: triton 3.6 cannot pick one in-kernel)."""
     return "ieee" if _wide_dot(dtype) else "tf32"
-
-
-def _rows_2d(t: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, T, width) -> (B*T, width) with unit column stride; a view whenever the layout allows one."""
-    t2d = t.reshape(-1, width)
-    return t2d if t2d.stride(1) == 1 else t2d.contiguous()
 
 
 def _check_inputs(x, shift, scale, weight, bias) -> None:
@@ -214,7 +198,7 @@ def _launch_forward(x, shift, scale, weight, bias, eps, config: ForwardConfig = 
     _check_inputs(x, shift, scale, weight, bias)
     B, T, D = x.shape
     O = weight.shape[0]
-    x2d = _rows_2d(x, D)  # (N, D)
+    x2d = as_rows(x, D)  # (N, D)
     out = torch.empty((B * T, O), device=x.device, dtype=x.dtype)  # (N, O)
     h = torch.empty((B, T, D), device=x.device, dtype=x.dtype)  # (B, T, D)
     mean = torch.empty((B * T,), device=x.device, dtype=_stats_dtype(x.dtype))  # (N,)
@@ -222,7 +206,7 @@ def _launch_forward(x, shift, scale, weight, bias, eps, config: ForwardConfig = 
     block_m = config.block_m
     block_k = _block_k(D, config.block_k)
     grid = (triton.cdiv(T, block_m), B)
-    _launchable(_final_layer_fwd_kernel)[grid](
+    launchable(_final_layer_fwd_kernel)[grid](
         x2d, shift, scale, weight, bias, out, h, mean, rstd,
         T, D, O,
         x2d.stride(0), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),

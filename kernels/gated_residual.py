@@ -20,8 +20,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+from torch.library import triton_op
+
+from .launch import as_rows, launchable
 
 MAX_BLOCK_D = 128
 FORWARD_TILE, FORWARD_WARPS = 2048, 8  # elements of one (ROWS, BLOCK_D) tile, and warps, by pass
@@ -101,11 +102,6 @@ def _gated_residual_bwd_kernel(
     tl.store(DGATE_PART_ptr + part_offsets, dgate_acc.to(DGATE_PART_ptr.dtype.element_ty), mask=col_ok)
 
 
-# Under TRITON_INTERPRET=1 triton.jit returns an InterpretedFunction: it runs eagerly on CPU tensors, and
-# wrap_triton rejects it before torch 2.13, so the launchers call it directly (no torch.compile on CPU).
-RUNS_IN_INTERPRETER = isinstance(_gated_residual_fwd_kernel, InterpretedFunction)
-
-
 class LaunchConfig(NamedTuple):
     """How a kernel is launched: tiles of `rows` x `block_d`, `num_warps`, and (backward) rows per program."""
 
@@ -132,13 +128,6 @@ def backward_config(M: int, D: int) -> LaunchConfig:
     n_column_blocks = triton.cdiv(D, block_d)
     rows_per_chunk = max(rows, min(1024, triton.next_power_of_2(triton.cdiv(M * n_column_blocks, BACKWARD_PROGRAMS))))
     return LaunchConfig(rows, block_d, BACKWARD_WARPS, rows_per_chunk)
-
-
-def _as_rows(t: torch.Tensor, D: int) -> torch.Tensor:
-    """View a (B, T, D) tensor as (B*T, D) rows with unit column stride, copying only if that is impossible."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(-1, D)  # (M, D): a view unless the rows are not evenly strided
 
 
 def _check_inputs(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
@@ -171,10 +160,10 @@ def _forward(x, y, gate, config: LaunchConfig | None = None) -> torch.Tensor:
     B, T, D = x.shape
     M = B * T
     rows, block_d, num_warps, _ = config or forward_config(M, D)
-    x2, y2 = _as_rows(x, D), _as_rows(y, D)  # (M, D)
+    x2, y2 = as_rows(x, D), as_rows(y, D)  # (M, D)
     gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)
     out = torch.empty((B, T, D), dtype=x.dtype, device=x.device)  # (B, T, D)
-    kernel = _gated_residual_fwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_gated_residual_fwd_kernel)
+    kernel = launchable(_gated_residual_fwd_kernel)
     kernel[(triton.cdiv(M, rows) * triton.cdiv(D, block_d),)](
         x2, y2, gate, out, M, D, T, x2.stride(0), y2.stride(0), gate.stride(0),
         ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
@@ -197,12 +186,12 @@ def _backward(grad_out, y, gate, config: LaunchConfig | None = None) -> tuple[to
     rows, block_d, num_warps, rows_per_chunk = config or backward_config(M, D)
     n_column_blocks = triton.cdiv(D, block_d)
     n_chunks = triton.cdiv(T, rows_per_chunk)
-    grad_out2, y2 = _as_rows(grad_out, D), _as_rows(y, D)  # (M, D)
+    grad_out2, y2 = as_rows(grad_out, D), as_rows(y, D)  # (M, D)
     gate = gate if gate.stride(1) == 1 else gate.contiguous()  # (B, D)
     dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)  # (B, T, D)
     part_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     dgate_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=y.device)  # (B, n_chunks, D)
-    kernel = _gated_residual_bwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_gated_residual_bwd_kernel)
+    kernel = launchable(_gated_residual_bwd_kernel)
     kernel[(B, n_chunks, n_column_blocks)](
         grad_out2, y2, gate, dy, dgate_part, D, T, rows_per_chunk, grad_out2.stride(0), y2.stride(0), gate.stride(0),
         ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,

@@ -32,8 +32,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+from torch.library import triton_op
+
+from .launch import as_rows, launchable
 
 MAX_BLOCK_D = 8192
 # (TILE, PER_THREAD) of the launch rule, by (pass, has_residual); BACKWARD_PROGRAMS by has_residual.
@@ -182,11 +183,6 @@ def _ln_modulate_bwd_kernel(
         tl.store(DGATE_PART_ptr + part_offsets, dgate_acc.to(DGATE_PART_ptr.dtype.element_ty), mask=col_ok)
 
 
-# Under TRITON_INTERPRET=1 triton.jit returns an InterpretedFunction: it runs eagerly on CPU tensors, and
-# wrap_triton rejects it before torch 2.13, so the launchers call it directly (no torch.compile on CPU).
-RUNS_IN_INTERPRETER = isinstance(_ln_modulate_fwd_kernel, InterpretedFunction)
-
-
 class LaunchConfig(NamedTuple):
     """How a kernel is launched: tiles of `rows` x BLOCK_D, `num_warps`, and (backward) rows per program."""
 
@@ -221,13 +217,6 @@ def backward_config(M: int, D: int, residual: bool) -> LaunchConfig:
     rows, num_warps = _tile("bwd", residual, D)
     chunk = triton.next_power_of_2(triton.cdiv(M, BACKWARD_PROGRAMS[residual]))
     return LaunchConfig(rows, num_warps, max(rows, min(256, chunk)))
-
-
-def _as_rows(t: torch.Tensor, D: int) -> torch.Tensor:
-    """View a (B, T, D) tensor as (B*T, D) rows with unit column stride, copying only if that is impossible."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(-1, D)  # (M, D): a view unless the rows are not evenly strided
 
 
 def _check_inputs(x: torch.Tensor, per_sample: dict, same_as_x: dict) -> None:
@@ -265,8 +254,8 @@ def _forward(x, y, gate, shift, scale, eps, config: LaunchConfig | None = None):
     has_residual = y is not None
     rows, num_warps, _ = config or forward_config(M, D, has_residual)
     # Without the residual, the residual-only pointer slots get some existing tensor the kernel never touches.
-    x2 = _as_rows(x, D)  # (M, D)
-    y2 = _as_rows(y, D) if has_residual else x2  # (M, D)
+    x2 = as_rows(x, D)  # (M, D)
+    y2 = as_rows(y, D) if has_residual else x2  # (M, D)
     gate = _per_sample(gate) if has_residual else shift  # (B, D)
     shift, scale = _per_sample(shift), _per_sample(scale)  # (B, D)
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -274,7 +263,7 @@ def _forward(x, y, gate, shift, scale, eps, config: LaunchConfig | None = None):
     x_new = torch.empty((B, T, D), dtype=x.dtype, device=x.device) if has_residual else h  # (B, T, D)
     mean = torch.empty((M,), dtype=stats_dtype, device=x.device)  # (M,)
     rstd = torch.empty((M,), dtype=stats_dtype, device=x.device)  # (M,)
-    kernel = _ln_modulate_fwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_ln_modulate_fwd_kernel)
+    kernel = launchable(_ln_modulate_fwd_kernel)
     kernel[(triton.cdiv(M, rows),)](
         x2, y2, gate, shift, scale, x_new, h, mean, rstd,
         M, D, T,
@@ -298,9 +287,9 @@ def _backward(grad_h, grad_x_new, x, y, gate, scale, mean, rstd, config: LaunchC
     rows, num_warps, rows_per_chunk = config or backward_config(M, D, has_residual)
     n_chunks = triton.cdiv(T, rows_per_chunk)
     # Without the residual, the residual-only pointer slots get some existing tensor the kernel never touches.
-    grad_h2, x2 = _as_rows(grad_h, D), _as_rows(x, D)  # (M, D)
-    grad_x_new2 = _as_rows(grad_x_new, D) if has_residual else grad_h2  # (M, D)
-    y2 = _as_rows(y, D) if has_residual else x2  # (M, D)
+    grad_h2, x2 = as_rows(grad_h, D), as_rows(x, D)  # (M, D)
+    grad_x_new2 = as_rows(grad_x_new, D) if has_residual else grad_h2  # (M, D)
+    y2 = as_rows(y, D) if has_residual else x2  # (M, D)
     scale = _per_sample(scale)  # (B, D)
     gate = _per_sample(gate) if has_residual else scale  # (B, D)
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)  # (B, T, D)
@@ -309,7 +298,7 @@ def _backward(grad_h, grad_x_new, x, y, gate, scale, mean, rstd, config: LaunchC
     dshift_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device)  # (B, n_chunks, D)
     dscale_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device)  # (B, n_chunks, D)
     dgate_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device) if has_residual else dshift_part
-    kernel = _ln_modulate_bwd_kernel if RUNS_IN_INTERPRETER else wrap_triton(_ln_modulate_bwd_kernel)
+    kernel = launchable(_ln_modulate_bwd_kernel)
     kernel[(B, n_chunks)](
         grad_h2, grad_x_new2, x2, y2, gate, scale, mean, rstd,
         dx, dy, dshift_part, dscale_part, dgate_part,
