@@ -27,6 +27,7 @@ import time
 import torch
 
 from bench.environment import benchmark_main, environment, matmul_peak_tflops, require_cuda
+from bench.gpu_monitor import GpuMonitor
 from dit_fast.diffusion.fast_sampling import SamplerLoop
 from dit_fast.flops import model_flops
 from dit_fast.model import DiT, create_model
@@ -132,7 +133,8 @@ def full_batch(model: DiT, inputs: tuple) -> dict:
     began = time.perf_counter()
     generators = index_generators(1, range(BATCH), "cuda")
     output_type = "latent" if vae is None else "np"
-    pipe(labels, CFG_SCALE, STEPS, generators, output_type=output_type, batch_size=BATCH, progress=False)
+    with GpuMonitor() as monitor:
+        pipe(labels, CFG_SCALE, STEPS, generators, output_type=output_type, batch_size=BATCH, progress=False)
     total_s = time.perf_counter() - began
     timings = pipe.timings
     row = {
@@ -143,6 +145,8 @@ def full_batch(model: DiT, inputs: tuple) -> dict:
         "decode_s": round(timings["decode_s"], 2) if vae is not None else None,
         "noise_and_host_s": round(total_s - timings["sampling_s"] - timings["decode_s"], 2),
         "img_per_s": round(BATCH / total_s, 2),
+        "sustained_step_ms": round(1000 * timings["sampling_s"] / STEPS, 2),
+        "gpu_during": monitor.summary(),  # SM clock and power: the 250 steps run power-capped (bench/gpu_monitor.py)
         "note": "VAE: random-init SD KL-f8, bf16"
         if vae is not None
         else "diffusers not installed: decode not measured",
@@ -297,6 +301,11 @@ def markdown(report: dict) -> str:
         decode = f"{full['decode_s']} s" if full["decode_s"] is not None else "not measured (no diffusers)"
         lines += ["", f"full batch on the fast path: {full['total_s']} s for {BATCH} images ({full['sampling_s']} s "
                       f"sampling, decode {decode}, {full['noise_and_host_s']} s noise and host)"]  # fmt: skip
+        gpu = full.get("gpu_during")
+        if gpu is not None:
+            lines.append(f"during it: {full['sustained_step_ms']} ms per step, SM clock median {gpu['sm_clock_mhz_median']:.0f} "
+                         f"MHz (min {gpu['sm_clock_mhz_min']:.0f}), power {gpu['power_w_median']} W of {gpu['power_limit_w']} W, "
+                         f"power-capped in {gpu['power_capped_fraction']:.0%} of samples")  # fmt: skip
     reference = report["diffusers_dit_pipeline"]
     if reference is not None:
         lines.append(f"diffusers DiTPipeline (bf16, random weights): {reference['total_s']} s for the same batch "

@@ -9,7 +9,7 @@ running together cover whole rows: contiguous memory). Backward: saves (z, bias)
 blocks, row chunks), each program walks rows_per_chunk rows of one column block in BLOCK_M-row tiles,
 writes dz = da * gelu_tanh'(z + bias) and keeps a (BLOCK_M, BLOCK_H) fp32 register accumulator of the same
 dz values *before* rounding to z's dtype, reduced over rows once at the end into an fp32 (n_chunks, H)
-buffer of partial column sums. dbias = that buffer's torch `.sum(0)`, rounded to bias's dtype: no
+buffer of partial column sums. dbias = that buffer's sum (kernels/partial_sums.py), rounded to bias's dtype: no
 atomics, bit-identical run to run, and more accurate than summing the rounded dz (what PyTorch's autograd
 of `F.gelu(z + bias)` does). Offsets are int64 (M * H >= 2^31 works); masks allow any M, H >= 1.
 
@@ -59,6 +59,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .launch import RUNS_IN_INTERPRETER, as_rows, launchable
+from .partial_sums import sum_chunks
 
 # constexpr globals go on the right of a tensor product: the interpreter's constexpr * tensor is not a tensor.
 K0 = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
@@ -248,7 +249,8 @@ def _backward(
         da2, z2, bias, dz, dbias_part, M, H, rows_per_chunk, da2.stride(0), z2.stride(0),
         BLOCK_M=block_m, BLOCK_H=block_h, FAST_TANH=_fast_tanh_flag(fast_tanh, z.dtype, z.device), num_warps=num_warps,
     )  # fmt: skip
-    return dz, dbias_part.sum(0).to(bias.dtype)
+    (dbias,) = sum_chunks([dbias_part.unsqueeze(0)], bias.dtype)  # (1, H)
+    return dz, dbias.view(H)
 
 
 @triton_op("dit_fast::bias_gelu", mutates_args=())

@@ -13,7 +13,7 @@ the backward a second pass over x to rebuild it.
 
 Backward, no kernel of its own: grad_h = dout @ weight (a cuBLAS product, (B*T, O) x (O, D)); dx, dshift
 and dscale from ln_modulate's backward kernel (kernels/ln_modulate.py: deterministic per-sample sums, no
-atomics); dweight = dout^T @ h (cuBLAS) and dbias = sum of dout in fp32. An earlier design with two
+atomics); dweight = dout^T @ h (cuBLAS) and dbias = sum of dout (accumulated in fp32). An earlier design with two
 Triton backward kernels (dh formed per tile with tl.dot and never stored; dweight by split-K over
 rebuilt h) measured 0.32 ms at B=128, T=256 on an H200 against 0.22 ms for Inductor's compiled reference:
 both were latency-bound loops over 128-column chunks (BENCHMARKS.md).
@@ -228,7 +228,7 @@ def _launch_backward(grad_out, x, h, scale, weight, mean, rstd):
     grad_h = (dout @ weight).view(B, T, D)  # (B, T, D): the linear's input gradient
     dx, _, _, dshift, dscale = ln_modulate_backward(grad_h, None, x, None, None, scale, mean, rstd)
     dweight = dout.t() @ h.reshape(B * T, D)  # (O, D)
-    dbias = dout.sum(0, dtype=mean.dtype).to(weight.dtype)  # (O,)
+    dbias = dout.sum(0)  # (O,): torch accumulates 16-bit sums in fp32 and rounds once, in one kernel
     return dx, dshift, dscale, dweight, dbias
 
 

@@ -12,7 +12,7 @@ bandwidth, up from 28% with the forward's tiles and 8 warps (bench/kernel_sweep.
 
 The sum is computed in fp32 (fp64 for fp64 inputs) and rounded once. Backward: dx = grad, dy = grad * gate,
 and dgate = sum over T of grad * y, written as fp32 per-chunk partial sums (B, n_chunks, D) by programs that
-each own a chunk of one sample's rows and a block of columns, then finished by a torch `.sum(1)`: no
+each own a chunk of one sample's rows and a block of columns, then added up by kernels/partial_sums.py: no
 atomics, bit-identical run to run.
 """
 from typing import NamedTuple
@@ -23,6 +23,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .launch import as_rows, launchable
+from .partial_sums import sum_chunks
 
 MAX_BLOCK_D = 128
 FORWARD_TILE, FORWARD_WARPS = 2048, 8  # elements of one (ROWS, BLOCK_D) tile, and warps, by pass
@@ -196,7 +197,8 @@ def _backward(grad_out, y, gate, config: LaunchConfig | None = None) -> tuple[to
         grad_out2, y2, gate, dy, dgate_part, D, T, rows_per_chunk, grad_out2.stride(0), y2.stride(0), gate.stride(0),
         ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
-    return dy, dgate_part.sum(1).to(y.dtype)
+    (dgate,) = sum_chunks([dgate_part], y.dtype)  # (B, D)
+    return dy, dgate
 
 
 def _gated_residual_setup_context(ctx, inputs, output):
