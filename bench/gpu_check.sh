@@ -27,6 +27,7 @@ if [ -d .whl ]; then  # optional pure-Python wheels carried with the call (diffu
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/site
 fi
 status=0
+KERNEL_TESTS="tests/test_ln_modulate.py tests/test_gated_residual.py tests/test_final_layer.py tests/test_bias_gelu.py tests/test_partial_sums.py"
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember a failure, go on
   local name=$1; shift
   echo "=== $name: $*"
@@ -39,15 +40,13 @@ for stage in "$@"; do
     tests)
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
       # the kernels' default cases on CUDA, then everything marked gpu (GPU_TESTS narrows the paths)
-      step kernel_tests_cuda python3 -m pytest -q -p no:cacheprovider --timeout=600 \
-        tests/test_ln_modulate.py tests/test_gated_residual.py tests/test_final_layer.py
+      step kernel_tests_cuda python3 -m pytest -q -p no:cacheprovider --timeout=600 $KERNEL_TESTS
       step gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 ${GPU_TESTS:-tests} ;;
     kernels)
       step bench_kernels python3 -m bench.kernels --out "$OUT/kernels.json"
       step bench_attention python3 -m bench.attention --out "$OUT/attention.json" ;;
     kernel-tests)
-      step kernel_tests_cuda python3 -m pytest -q -p no:cacheprovider --timeout=600 \
-        tests/test_ln_modulate.py tests/test_gated_residual.py tests/test_final_layer.py
+      step kernel_tests_cuda python3 -m pytest -q -p no:cacheprovider --timeout=600 $KERNEL_TESTS
       step gpu_kernel_tests python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
         tests/gpu/test_kernels_gpu.py tests/gpu/test_fast_model_gpu.py
       ;;
