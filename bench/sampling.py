@@ -93,11 +93,12 @@ def measure_steps(name: str, model: DiT, inputs: tuple, timed_steps: int, peak_t
     setup_s = time.perf_counter() - began
     loop.prepare(*inputs)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(timed_steps)]
-    for start, end in events:
-        start.record()
-        loop.step()
-        end.record()
-    torch.cuda.synchronize()
+    with GpuMonitor() as monitor:
+        for start, end in events:
+            start.record()
+            loop.step()
+            end.record()
+        torch.cuda.synchronize()
     ms = statistics.median(start.elapsed_time(end) for start, end in events)
     flops = model_flops(model.cfg, batch_size=2 * BATCH)
     row = {
@@ -112,6 +113,7 @@ def measure_steps(name: str, model: DiT, inputs: tuple, timed_steps: int, peak_t
         "mfu": round(flops / ms / 1e9 / peak_tflops, 4),
         "setup_s": round(setup_s, 1),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "gpu_during": monitor.summary(),  # the SM clock differs between configs when the power cap bites
     }
     print(row, flush=True)
     return row
@@ -283,8 +285,8 @@ def markdown(report: dict) -> str:
         f"{env.get('gpu', '?')}, torch {env['torch']}, triton {env['triton']}; bf16 matmul peak "
         f"{report['bf16_matmul_peak_tflops']} TFLOP/s",
         "",
-        "| config | ms / step | x fp32 | x compiled | img/s (250 steps) | TFLOP/s | MFU | setup s | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | ms / step | x fp32 | x compiled | img/s (250 steps) | TFLOP/s | MFU | setup s | peak GiB | SM MHz | W |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     step_ms = {row["config"]: row["step_ms"] for row in report["rows"]}
     for row in report["rows"]:
@@ -292,9 +294,11 @@ def markdown(report: dict) -> str:
             f"{step_ms[base] / row['step_ms']:.2f}" if base in step_ms else "-"
             for base in ("fp32+tf32", "bf16+compile")
         ]
+        gpu = row.get("gpu_during") or {}
         lines.append(
             f"| {row['config']} | {row['step_ms']} | {ratios[0]} | {ratios[1]} | {row['img_per_s_250_steps']} | "
-            f"{row['tflops']} | {row['mfu']:.1%} | {row['setup_s']} | {row['peak_mem_gib']} |"
+            f"{row['tflops']} | {row['mfu']:.1%} | {row['setup_s']} | {row['peak_mem_gib']} | "
+            f"{gpu.get('sm_clock_mhz_median', '-')} | {gpu.get('power_w_median', '-')} |"
         )
     full = report["full_batch"]
     if full is not None:

@@ -81,7 +81,9 @@ def _final_layer_fwd_kernel(
     for k0 in range(0, D, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < D
-        x = tl.load(x_row_ptrs + cols[None, :], mask=token_mask[:, None] & col_mask[None, :], other=0.0)
+        # evict_last: pass 2 reads the tile again (1-3% faster on an H200, session 6's sweep)
+        x = tl.load(x_row_ptrs + cols[None, :], mask=token_mask[:, None] & col_mask[None, :], other=0.0,
+                    eviction_policy="evict_last")
         x = x.to(stats_dtype)  # (BLOCK_M, BLOCK_K)
         n_total = tl.minimum(k0 + BLOCK_K, D).to(stats_dtype)  # columns merged once this chunk is in
         n_chunk = n_total - k0  # k0 columns were merged before
