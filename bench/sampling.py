@@ -285,7 +285,8 @@ def markdown(report: dict) -> str:
         f"{env.get('gpu', '?')}, torch {env['torch']}, triton {env['triton']}; bf16 matmul peak "
         f"{report['bf16_matmul_peak_tflops']} TFLOP/s",
         "",
-        "| config | ms / step | x fp32 | x compiled | img/s (250 steps) | TFLOP/s | MFU | setup s | peak GiB | SM MHz | W |",
+        "| config | ms / step | x fp32 | x compiled | img/s (250 steps) | TFLOP/s | MFU | setup s | peak GiB "
+        "| SM MHz | W |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     step_ms = {row["config"]: row["step_ms"] for row in report["rows"]}
@@ -307,9 +308,12 @@ def markdown(report: dict) -> str:
                       f"sampling, decode {decode}, {full['noise_and_host_s']} s noise and host)"]  # fmt: skip
         gpu = full.get("gpu_during")
         if gpu is not None:
-            lines.append(f"during it: {full['sustained_step_ms']} ms per step, SM clock median {gpu['sm_clock_mhz_median']:.0f} "
-                         f"MHz (min {gpu['sm_clock_mhz_min']:.0f}), power {gpu['power_w_median']} W of {gpu['power_limit_w']} W, "
-                         f"power-capped in {gpu['power_capped_fraction']:.0%} of samples")  # fmt: skip
+            lines.append(
+                f"during it: {full['sustained_step_ms']} ms per step, "
+                f"SM clock median {gpu['sm_clock_mhz_median']:.0f} MHz "
+                f"(min {gpu['sm_clock_mhz_min']:.0f}), power {gpu['power_w_median']} W of {gpu['power_limit_w']} W, "
+                f"power-capped in {gpu['power_capped_fraction']:.0%} of samples"
+            )
     reference = report["diffusers_dit_pipeline"]
     if reference is not None:
         lines.append(f"diffusers DiTPipeline (bf16, random weights): {reference['total_s']} s for the same batch "

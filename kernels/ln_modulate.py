@@ -21,8 +21,8 @@ bytes in flight per thread than one row per 8 warps, the old rule, which left th
 A backward program reduces a chunk of about M / BACKWARD_PROGRAMS rows of one sample (plain 512, residual
 1024 programs; a power of two, at most 256 rows): 64 and 32 rows at B*T = 32768.
 When ROWS divides T, every tile lies in one sample and its shift/scale/gate are loaded once as vectors.
-The forward streams its rows: evict-first loads and ".cs" stores, which an H200 sweep (session 6) found worth
-2-3% with the residual (0.0824 -> 0.0797 ms at B*T = 32768) and ~1% without; either hint alone was not.
+The forward streams its rows: evict-first loads and ".cs" stores (either hint alone did nothing): 2-3% with
+the residual in an H200 sweep (0.0824 -> 0.0797 ms at B*T = 32768), 1-1.6% in bench/kernels.py (session 6).
 
 Math is fp32 (fp64 when the inputs are fp64, so that gradcheck can run); mean and rstd are saved as fp32
 (B*T,) for the backward, which recomputes xhat instead of saving it. The backward writes dshift, dscale
