@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .launch import RUNS_IN_INTERPRETER, as_rows, launchable
+from .launch import RUNS_IN_INTERPRETER, as_rows, launchable, row_major_tile
 from .partial_sums import sum_chunks
 
 # constexpr globals go on the right of a tensor product: the interpreter's constexpr * tensor is not a tensor.
@@ -101,11 +101,7 @@ def _bias_gelu_fwd_kernel(
     FAST_TANH: tl.constexpr,
 ):
     compute = tl.float64 if Z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    # One grid axis, column blocks fastest: programs that run at the same time cover whole rows.
-    n_column_blocks = tl.cdiv(H, BLOCK_H)
-    program = tl.program_id(0).to(tl.int64)
-    rows = (program // n_column_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
-    cols = (program % n_column_blocks).to(tl.int32) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
+    rows, cols = row_major_tile(M, H, BLOCK_M, BLOCK_H)  # (BLOCK_M,) int64, (BLOCK_H,)
     col_ok = cols < H
     mask = (rows < M)[:, None] & col_ok[None, :]  # (BLOCK_M, BLOCK_H)
     bias = tl.load(BIAS_ptr + cols, mask=col_ok, other=0.0).to(compute)  # (BLOCK_H,)

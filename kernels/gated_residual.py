@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .launch import as_rows, launchable
+from .launch import as_rows, launchable, row_major_tile
 from .partial_sums import sum_chunks
 
 MAX_BLOCK_D = 128
@@ -48,12 +48,7 @@ def _gated_residual_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     compute = tl.float64 if X_ptr.dtype.element_ty == tl.float64 else tl.float32
-    # One grid axis, column blocks fastest: programs that run at the same time cover whole rows, contiguous
-    # memory, rather than one column stripe of many rows.
-    n_column_blocks = tl.cdiv(D, BLOCK_D)
-    program = tl.program_id(0).to(tl.int64)
-    rows = (program // n_column_blocks) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
-    cols = (program % n_column_blocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    rows, cols = row_major_tile(M, D, ROWS, BLOCK_D)  # (ROWS,) int64, (BLOCK_D,)
     mask = (rows < M)[:, None] & (cols < D)[None, :]  # (ROWS, BLOCK_D)
     sample = rows // T  # (ROWS,) which sample's gate each row uses
     x = tl.load(X_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(compute)
