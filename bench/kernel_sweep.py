@@ -31,6 +31,13 @@ ln = importlib.import_module("dit_fast.kernels.ln_modulate")  # of the same name
 
 SHAPES = ((128, 256), (32, 1024))
 LN_FWD = [ln.LaunchConfig(r, w) for r, w in ((1, 8), (1, 4), (1, 2), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8), (8, 16))]
+LN_FWD_TMA = [  # plain ln_modulate's TMA forward
+    ln.TmaConfig(r, w, s, p)  # rows, warps, pipeline stages, programs per SM
+    for r, w, s, p in (
+        (4, 2, 3, 4), (4, 2, 4, 4), (4, 2, 2, 4), (4, 2, 3, 8), (4, 1, 3, 4), (2, 1, 3, 8), (2, 1, 4, 8),
+        (4, 4, 3, 4), (4, 4, 2, 4), (2, 2, 3, 8), (2, 2, 2, 8), (8, 4, 3, 2), (8, 8, 2, 2), (4, 8, 3, 4),
+    )
+]  # fmt: skip
 LN_BWD = [
     ln.LaunchConfig(r, w, c)
     for r, w, c in (
@@ -56,7 +63,7 @@ FL_FWD = [
     )
 ]  # fmt: skip
 GRIDS = {  # op: (forward configs, backward configs)
-    "ln_modulate": (LN_FWD, LN_BWD),
+    "ln_modulate": (LN_FWD + LN_FWD_TMA, LN_BWD),
     "gated_residual_ln_modulate": (LN_FWD, LN_BWD),
     "gated_residual": (GR_FWD, GR_BWD),
     "final_layer": (FL_FWD, []),
@@ -128,7 +135,7 @@ def sweep_case(op: str, B: int, T: int, copy_gbps: float, passes: tuple[str, ...
         rows.append(_row(op, B, T, pas, "compiled", kernel_time_ms(compiled), nbytes, copy_gbps))
         expected = [t for t in launch(None) if t is not None]
         for config in [None, *configs]:
-            label = "default" if config is None else str(tuple(config))
+            label = "default" if config is None else f"{type(config).__name__}{tuple(config)}"
             try:
                 if not _agree([t for t in launch(config) if t is not None], expected):
                     rows.append({"op": op, "B": B, "T": T, "pass": pas, "impl": label, "error": "outputs disagree"})

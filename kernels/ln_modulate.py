@@ -37,6 +37,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .launch import as_rows, launchable
+from .ln_modulate_tma import TmaConfig, can_use_tma, forward_tma  # noqa: F401 (TmaConfig: the sweep's handle)
 from .partial_sums import sum_chunks
 
 MAX_BLOCK_D = 8192
@@ -249,18 +250,20 @@ def _per_sample(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _forward(x, y, gate, shift, scale, eps, config: LaunchConfig | None = None):
-    """Launch the forward kernel; y and gate are None for plain ln_modulate. Returns (x_new, h, mean, rstd).
+def _forward(x, y, gate, shift, scale, eps, config: LaunchConfig | TmaConfig | None = None):
+    """Launch a forward kernel; y and gate are None for plain ln_modulate. Returns (x_new, h, mean, rstd).
 
-    `config` overrides the launch rule (bench/kernel_sweep.py times alternatives that way).
+    Plain ln_modulate runs the TMA kernel (kernels/ln_modulate_tma.py) when its rows fit that kernel's layout;
+    the residual variant, and rows TMA cannot take, run the register-tile kernel. `config` overrides the
+    launch rule and, by its type, picks the kernel (bench/kernel_sweep.py times alternatives that way); a
+    TmaConfig the TMA kernel cannot take is a ValueError.
     """
     B, T, D = x.shape
     M = B * T
     block_d = _block_d(D)
     has_residual = y is not None
-    rows, num_warps, _ = config or forward_config(M, D, has_residual)
-    # Without the residual, the residual-only pointer slots get some existing tensor the kernel never touches.
     x2 = as_rows(x, D)  # (M, D)
+    # Without the residual, the residual-only pointer slots get some existing tensor the kernel never touches.
     y2 = as_rows(y, D) if has_residual else x2  # (M, D)
     gate = _per_sample(gate) if has_residual else shift  # (B, D)
     shift, scale = _per_sample(shift), _per_sample(scale)  # (B, D)
@@ -269,6 +272,15 @@ def _forward(x, y, gate, shift, scale, eps, config: LaunchConfig | None = None):
     x_new = torch.empty((B, T, D), dtype=x.dtype, device=x.device) if has_residual else h  # (B, T, D)
     mean = torch.empty((M,), dtype=stats_dtype, device=x.device)  # (M,)
     rstd = torch.empty((M,), dtype=stats_dtype, device=x.device)  # (M,)
+    if not has_residual and (config is None or isinstance(config, TmaConfig)):
+        if can_use_tma([x2, h.view(M, D)], D):
+            forward_tma(x2, shift, scale, h.view(M, D), mean, rstd, T, eps, config)
+            return x_new, h, mean, rstd
+        if config is not None:
+            raise ValueError(f"a TmaConfig needs rows TMA can take; D={D} ({x.dtype}) or an alignment does not fit")
+    if isinstance(config, TmaConfig):
+        raise ValueError("gated_residual_ln_modulate has no TMA forward; pass a LaunchConfig")
+    rows, num_warps, _ = config or forward_config(M, D, has_residual)
     kernel = launchable(_ln_modulate_fwd_kernel)
     kernel[(triton.cdiv(M, rows),)](
         x2, y2, gate, shift, scale, x_new, h, mean, rstd,
