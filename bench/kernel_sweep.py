@@ -45,6 +45,13 @@ LN_BWD = [
         (2, 4, 32), (2, 4, 64), (2, 8, 32), (2, 8, 64), (4, 8, 64), (4, 4, 32), (2, 4, 16),
     )
 ]  # fmt: skip
+LN_BWD_TMA = [  # plain ln_modulate's TMA backward
+    ln.TmaBackwardConfig(r, w, s, c)  # rows, warps, pipeline stages, rows per program
+    for r, w, s, c in (
+        (4, 2, 3, 64), (4, 2, 3, 32), (4, 2, 3, 128), (4, 2, 2, 64), (4, 2, 4, 64), (2, 1, 3, 64), (2, 2, 3, 64),
+        (4, 4, 3, 64), (8, 4, 3, 64), (2, 1, 4, 32), (4, 1, 3, 64), (8, 8, 2, 64),
+    )
+]  # fmt: skip
 GR_FWD = [gr.LaunchConfig(r, b, w) for r, b, w in ((16, 128, 8), (8, 128, 4), (32, 128, 8), (16, 256, 8), (4, 1024, 8), (8, 1024, 16), (32, 128, 16))]
 GR_BWD = [
     gr.LaunchConfig(r, b, w, c)
@@ -63,7 +70,7 @@ FL_FWD = [
     )
 ]  # fmt: skip
 GRIDS = {  # op: (forward configs, backward configs)
-    "ln_modulate": (LN_FWD + LN_FWD_TMA, LN_BWD),
+    "ln_modulate": (LN_FWD + LN_FWD_TMA, LN_BWD + LN_BWD_TMA),
     "gated_residual_ln_modulate": (LN_FWD, LN_BWD),
     "gated_residual": (GR_FWD, GR_BWD),
     "final_layer": (FL_FWD, []),

@@ -37,7 +37,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .launch import as_rows, launchable
-from .ln_modulate_tma import TmaConfig, can_use_tma, forward_tma  # noqa: F401 (TmaConfig: the sweep's handle)
+from .ln_modulate_tma import TmaBackwardConfig, TmaConfig, backward_tma, can_use_tma, forward_tma, tma_backward_config
 from .partial_sums import sum_chunks
 
 MAX_BLOCK_D = 8192
@@ -292,29 +292,47 @@ def _forward(x, y, gate, shift, scale, eps, config: LaunchConfig | TmaConfig | N
     return x_new, h, mean, rstd
 
 
-def _backward(grad_h, grad_x_new, x, y, gate, scale, mean, rstd, config: LaunchConfig | None = None):
-    """Launch the backward kernel and finish the per-sample sums; residual-only arguments are None otherwise.
+def _backward(
+    grad_h, grad_x_new, x, y, gate, scale, mean, rstd, config: LaunchConfig | TmaBackwardConfig | None = None
+):
+    """Launch a backward kernel and finish the per-sample sums; residual-only arguments are None otherwise.
 
-    Returns (dx, dy, dgate, dshift, dscale), with dy and dgate None without the residual. `config`
-    overrides the launch rule.
+    Returns (dx, dy, dgate, dshift, dscale), with dy and dgate None without the residual. Plain ln_modulate
+    runs the TMA kernel when its rows fit and its tiles divide T, as the forward; `config` overrides the
+    launch rule and, by its type, picks the kernel.
     """
     B, T, D = x.shape
     M = B * T
-    block_d = _block_d(D)
     has_residual = y is not None
-    rows, num_warps, rows_per_chunk = config or backward_config(M, D, has_residual)
-    n_chunks = triton.cdiv(T, rows_per_chunk)
-    # Without the residual, the residual-only pointer slots get some existing tensor the kernel never touches.
     grad_h2, x2 = as_rows(grad_h, D), as_rows(x, D)  # (M, D)
-    grad_x_new2 = as_rows(grad_x_new, D) if has_residual else grad_h2  # (M, D)
-    y2 = as_rows(y, D) if has_residual else x2  # (M, D)
-    scale = _per_sample(scale)  # (B, D)
-    gate = _per_sample(gate) if has_residual else scale  # (B, D)
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)  # (B, T, D)
-    dy = torch.empty((B, T, D), dtype=x.dtype, device=x.device) if has_residual else dx  # (B, T, D)
+    tma_config = None
+    if not has_residual and (config is None or isinstance(config, TmaBackwardConfig)):
+        candidate = config or tma_backward_config(M, D, T)
+        tiles_fit = T % candidate.rows == 0 and candidate.rows_per_chunk % candidate.rows == 0
+        if tiles_fit and can_use_tma([grad_h2, x2, dx.view(M, D)], D):
+            tma_config = candidate
+        elif config is not None:
+            raise ValueError(f"a TmaBackwardConfig needs rows TMA can take and tiles dividing T={T}; got {config}")
+    elif isinstance(config, TmaBackwardConfig):
+        raise ValueError("gated_residual_ln_modulate has no TMA backward; pass a LaunchConfig")
+    rows, num_warps, rows_per_chunk = (
+        (0, 0, tma_config.rows_per_chunk) if tma_config else config or backward_config(M, D, has_residual)
+    )
+    n_chunks = triton.cdiv(T, rows_per_chunk)
     part_dtype = mean.dtype  # fp32 partial sums (fp64 for fp64 inputs)
     dshift_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device)  # (B, n_chunks, D)
     dscale_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device)  # (B, n_chunks, D)
+    scale = _per_sample(scale)  # (B, D)
+    if tma_config:
+        backward_tma(grad_h2, x2, scale, mean, rstd, dx.view(M, D), dshift_part, dscale_part, T, tma_config)
+        dshift, dscale = sum_chunks([dshift_part, dscale_part], x.dtype)  # (B, D) each
+        return dx, None, None, dshift, dscale
+    # Without the residual, the residual-only pointer slots get some existing tensor the kernel never touches.
+    grad_x_new2 = as_rows(grad_x_new, D) if has_residual else grad_h2  # (M, D)
+    y2 = as_rows(y, D) if has_residual else x2  # (M, D)
+    gate = _per_sample(gate) if has_residual else scale  # (B, D)
+    dy = torch.empty((B, T, D), dtype=x.dtype, device=x.device) if has_residual else dx  # (B, T, D)
     dgate_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device) if has_residual else dshift_part
     kernel = launchable(_ln_modulate_bwd_kernel)
     kernel[(B, n_chunks)](
@@ -322,7 +340,7 @@ def _backward(grad_h, grad_x_new, x, y, gate, scale, mean, rstd, config: LaunchC
         dx, dy, dshift_part, dscale_part, dgate_part,
         D, T, rows_per_chunk,
         grad_h2.stride(0), grad_x_new2.stride(0), x2.stride(0), y2.stride(0), gate.stride(0), scale.stride(0),
-        HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_RESIDUAL=has_residual, ROWS=rows, BLOCK_D=_block_d(D), num_warps=num_warps,
     )  # fmt: skip
     if not has_residual:
         dshift, dscale = sum_chunks([dshift_part, dscale_part], x.dtype)  # (B, D) each

@@ -50,6 +50,15 @@ class TmaConfig(NamedTuple):
     programs_per_sm: int
 
 
+class TmaBackwardConfig(NamedTuple):
+    """Tiles of `rows` rows, `num_warps`, pipeline `stages`; a program reduces `rows_per_chunk` rows of one sample."""
+
+    rows: int
+    num_warps: int
+    stages: int
+    rows_per_chunk: int
+
+
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -72,6 +81,14 @@ def tma_config(D: int) -> TmaConfig:
     2304 per warp (4 rows x 2 warps at D = 1152), 3 stages, 4 programs per SM."""
     rows = max(1, min(16, triton.next_power_of_2(max(1, 4608 // D))))
     return TmaConfig(rows, max(1, min(8, rows * D // 2304)), 3, 4)
+
+
+def tma_backward_config(M: int, D: int, T: int) -> TmaBackwardConfig:
+    """The backward's launch rule (swept on an H200 at D = 1152, bench/results/sweeps): tiles as the forward's,
+    and chunks of about M / 512 rows of one sample (a power of two, 16 to 256 rows, at least a tile)."""
+    rows, num_warps, stages, _ = tma_config(D)
+    chunk = max(rows, min(256, max(16, triton.next_power_of_2(triton.cdiv(M, 512)))))
+    return TmaBackwardConfig(rows, num_warps, stages, chunk)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -161,6 +178,77 @@ def _ln_modulate_fwd_tma_kernel(
         tl.store(RSTD_ptr + rows, rstd.to(RSTD_ptr.dtype.element_ty), mask=rows < M)
 
 
+@triton.jit
+def _ln_modulate_bwd_tma_kernel(
+    dha_desc, dhb_desc,  # grad of h as (M, NA + NB, SEG) boxes, as the forward's
+    xa_desc, xb_desc,  # x likewise
+    dxa_desc, dxb_desc,  # dx likewise
+    SCALE_ptr,  # (B, D) row stride stride_scale
+    MEAN_ptr,  # (M,)
+    RSTD_ptr,  # (M,)
+    DSHIFT_PART_ptr,  # (B, n_chunks, D) contiguous partial sums over a chunk's rows
+    DSCALE_PART_ptr,  # (B, n_chunks, D)
+    T,
+    rows_per_chunk,  # a multiple of ROWS, as T is: no tile crosses a chunk
+    stride_scale,
+    ROWS: tl.constexpr,
+    NA: tl.constexpr,
+    NB: tl.constexpr,
+    SEG: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    compute = tl.float64 if MEAN_ptr.dtype.element_ty == tl.float64 else tl.float32
+    D: tl.constexpr = (NA + NB) * SEG
+    sample = tl.program_id(0)
+    chunk = tl.program_id(1)
+    first_row = sample * T + chunk * rows_per_chunk
+    n_rows = tl.minimum(rows_per_chunk, T - chunk * rows_per_chunk)
+    cols_a = tl.arange(0, NA)[:, None] * SEG + tl.arange(0, SEG)[None, :]  # (NA, SEG)
+    gain_a = 1.0 + tl.load(SCALE_ptr + sample * stride_scale + cols_a).to(compute)[None, :, :]  # (1, NA, SEG)
+    dshift_a = tl.zeros([NA, SEG], dtype=compute)
+    dscale_a = tl.zeros([NA, SEG], dtype=compute)
+    if NB > 0:
+        cols_b = NA * SEG + tl.arange(0, NB)[:, None] * SEG + tl.arange(0, SEG)[None, :]  # (NB, SEG)
+        gain_b = 1.0 + tl.load(SCALE_ptr + sample * stride_scale + cols_b).to(compute)[None, :, :]
+        dshift_b = tl.zeros([NB, SEG], dtype=compute)
+        dscale_b = tl.zeros([NB, SEG], dtype=compute)
+
+    for start in tl.range(0, n_rows, ROWS, num_stages=STAGES):
+        row0 = first_row + start
+        rows = row0 + tl.arange(0, ROWS)  # (ROWS,)
+        mean = tl.load(MEAN_ptr + rows).to(compute)[:, None, None]  # (ROWS, 1, 1)
+        rstd = tl.load(RSTD_ptr + rows).to(compute)[:, None, None]
+        dh_a = dha_desc.load([row0, 0, 0]).to(compute)  # (ROWS, NA, SEG)
+        xhat_a = (xa_desc.load([row0, 0, 0]).to(compute) - mean) * rstd
+        dxhat_a = dh_a * gain_a
+        mean_dxhat = tl.sum(tl.sum(dxhat_a, axis=2), axis=1)  # (ROWS,), divided by D below
+        mean_dxhat_xhat = tl.sum(tl.sum(dxhat_a * xhat_a, axis=2), axis=1)
+        if NB > 0:
+            dh_b = dhb_desc.load([row0, NA, 0]).to(compute)  # (ROWS, NB, SEG)
+            xhat_b = (xb_desc.load([row0, NA, 0]).to(compute) - mean) * rstd
+            dxhat_b = dh_b * gain_b
+            mean_dxhat += tl.sum(tl.sum(dxhat_b, axis=2), axis=1)
+            mean_dxhat_xhat += tl.sum(tl.sum(dxhat_b * xhat_b, axis=2), axis=1)
+        mean_dxhat = (mean_dxhat / D)[:, None, None]
+        mean_dxhat_xhat = (mean_dxhat_xhat / D)[:, None, None]
+        dx_a = (dxhat_a - mean_dxhat - xhat_a * mean_dxhat_xhat) * rstd
+        dxa_desc.store([row0, 0, 0], dx_a.to(dxa_desc.dtype))
+        dshift_a += tl.sum(dh_a, axis=0)
+        dscale_a += tl.sum(dh_a * xhat_a, axis=0)
+        if NB > 0:
+            dx_b = (dxhat_b - mean_dxhat - xhat_b * mean_dxhat_xhat) * rstd
+            dxb_desc.store([row0, NA, 0], dx_b.to(dxb_desc.dtype))
+            dshift_b += tl.sum(dh_b, axis=0)
+            dscale_b += tl.sum(dh_b * xhat_b, axis=0)
+
+    part = (sample * tl.num_programs(1) + chunk).to(tl.int64) * D
+    tl.store(DSHIFT_PART_ptr + part + cols_a, dshift_a.to(DSHIFT_PART_ptr.dtype.element_ty))
+    tl.store(DSCALE_PART_ptr + part + cols_a, dscale_a.to(DSCALE_PART_ptr.dtype.element_ty))
+    if NB > 0:
+        tl.store(DSHIFT_PART_ptr + part + cols_b, dshift_b.to(DSHIFT_PART_ptr.dtype.element_ty))
+        tl.store(DSCALE_PART_ptr + part + cols_b, dscale_b.to(DSCALE_PART_ptr.dtype.element_ty))
+
+
 def _descriptors(t: torch.Tensor, layout: TmaLayout, rows: int) -> tuple[TensorDescriptor, TensorDescriptor]:
     """The two boxes' descriptors of an (M, D) row view; the second repeats the first when NB = 0."""
     segments = t.unflatten(1, (layout.na + layout.nb, layout.seg))  # (M, NA + NB, SEG), a view
@@ -190,4 +278,25 @@ def forward_tma(x2, shift, scale, h2, mean, rstd, T: int, eps: float, config: Tm
         M, T, shift.stride(0), scale.stride(0), eps,
         ROWS=rows, NA=layout.na, NB=layout.nb, SEG=layout.seg, STAGES=stages, ROWS_SHARE_SAMPLE=T % rows == 0,
         num_warps=num_warps,
+    )  # fmt: skip
+
+
+def backward_tma(
+    grad_h2, x2, scale, mean, rstd, dx2, dshift_part, dscale_part, T: int, config: TmaBackwardConfig
+) -> None:
+    """Launch the TMA backward on (M, D) row views; (B, n_chunks, D) partial sums of dshift and dscale.
+
+    The caller checked `can_use_tma([grad_h2, x2, dx2], D)` and that T and config.rows_per_chunk are
+    multiples of config.rows.
+    """
+    D = x2.shape[1]
+    layout = tma_layout(D, x2.element_size())
+    rows, num_warps, stages, rows_per_chunk = config
+    B, n_chunks, _ = dshift_part.shape
+    kernel = launchable(_ln_modulate_bwd_tma_kernel)
+    kernel[(B, n_chunks)](
+        *_descriptors(grad_h2, layout, rows), *_descriptors(x2, layout, rows), *_descriptors(dx2, layout, rows),
+        scale, mean, rstd, dshift_part, dscale_part,
+        T, rows_per_chunk, scale.stride(0),
+        ROWS=rows, NA=layout.na, NB=layout.nb, SEG=layout.seg, STAGES=stages, num_warps=num_warps,
     )  # fmt: skip

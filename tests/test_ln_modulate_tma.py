@@ -1,5 +1,5 @@
-"""ln_modulate's TMA forward (kernels/ln_modulate_tma.py): its row layout, its launch configs against the
-float64 reference, and when `_forward` takes it or falls back to the register-tile kernel.
+"""ln_modulate's TMA forward and backward (kernels/ln_modulate_tma.py): the row layout, launch configs against
+the float64 reference, and when `_forward` / `_backward` take them or fall back to the register-tile kernels.
 
 The default-path tests in tests/test_ln_modulate.py already run it (D = 72, 384, 1152 take TMA; D = 1000
 cannot); these pin the cases a default launch does not reach: several tiles per persistent program, tiles
@@ -56,6 +56,38 @@ def test_tma_configs_match_the_reference(rows, programs_per_sm, T, D, device):
     torch.testing.assert_close(h, ln_modulate_ref(x64, shift.double(), scale.double()).float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mean, ref_mean.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rstd, ref_rstd.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("D", [48, 64], ids=["two-parts", "one-part"])
+@pytest.mark.parametrize("rows,rows_per_chunk", [(1, 2), (2, 2), (2, 8), (4, 4)])
+def test_tma_backward_configs_match_the_reference(rows, rows_per_chunk, D, device):
+    """Explicit TmaBackwardConfigs in fp32: dx, dshift and dscale against float64, with one or several tiles
+    per chunk and several chunks per sample (T = 8)."""
+    B, T = 3, 8
+    x, shift, scale = _inputs(B, T, D, torch.float32, device)
+    _, _, mean, rstd = ln._forward(x, None, None, shift, scale, 1e-6)
+    grad_h = torch.randn_like(x)
+    dx, _, _, dshift, dscale = ln._backward(
+        grad_h, None, x, None, None, scale, mean, rstd, tma.TmaBackwardConfig(rows, 1, 2, rows_per_chunk)
+    )
+    leaves = [t.detach().double().requires_grad_() for t in (x, shift, scale)]
+    ref = torch.autograd.grad(ln_modulate_ref(*leaves), leaves, grad_h.double())
+    for name, got, want in zip(("dx", "dshift", "dscale"), (dx, dshift, dscale), ref):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_tma_backward_needs_tiles_that_divide_T(device):
+    """A tile may not straddle two samples' chunks (its TMA store would write the neighbour's rows): T = 7
+    with 2-row tiles is refused when forced, and the default rule takes the register-tile kernel there."""
+    x, shift, scale = _inputs(2, 7, 64, torch.float32, device)
+    _, _, mean, rstd = ln._forward(x, None, None, shift, scale, 1e-6)
+    grad_h = torch.randn_like(x)
+    with pytest.raises(ValueError, match="tiles dividing T=7"):
+        ln._backward(grad_h, None, x, None, None, scale, mean, rstd, tma.TmaBackwardConfig(2, 1, 2, 4))
+    default = ln._backward(grad_h, None, x, None, None, scale, mean, rstd)
+    tile = ln._backward(grad_h, None, x, None, None, scale, mean, rstd, ln.backward_config(14, 64, False))
+    for got, want in zip(default, tile):
+        assert (got is None and want is None) or torch.equal(got, want)
 
 
 def test_tma_and_register_tile_forwards_agree(device):
