@@ -10,8 +10,14 @@ They may be the strided views that `mod.chunk(6, dim=1)` gives (row stride 6*D):
 be contiguous, otherwise they are copied (B*D elements, cheap). x and y are (B, T, D); a last dim with
 stride != 1 or rows that are not evenly strided costs one copy (`contiguous`).
 
-Launch rule (`forward_config` / `backward_config`, chosen by bench/kernel_sweep.py on an H200 at D = 1152,
-where it took the forward from 44% to 72-74% (plain) and 67% to 87-89% (residual) of copy bandwidth):
+Two kernel designs. Plain ln_modulate, forward and backward, runs kernels/ln_modulate_tma.py's TMA kernels
+(rows fetched into shared memory by a pipelined loop: forward 91-97% of copy bandwidth on an H200, against
+73-76% for the register-tile kernel below) whenever the rows fit their layout, and outside torch.compile.
+Everything else runs the register-tile kernels of this file: gated_residual_ln_modulate, rows TMA cannot take,
+and every call inside a compiled graph (ln_modulate_tma.can_use_tma says why).
+
+Register-tile launch rule (`forward_config` / `backward_config`, chosen by bench/kernel_sweep.py on an H200 at
+D = 1152, where it took the forward from 44% to 72-74% (plain) and 67% to 87-89% (residual) of copy bandwidth):
 BLOCK_D = next_power_of_2(D), at most MAX_BLOCK_D = 8192 (D > 8192 is a ValueError). A tile is
 ROWS = max(1, TILE // BLOCK_D) rows by BLOCK_D, with num_warps = ROWS * BLOCK_D / (32 * PER_THREAD), at
 least 1 and at most 16, where (TILE, PER_THREAD) are, for the forward, (8192, 64) plain and (8192, 32) with
