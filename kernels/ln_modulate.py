@@ -322,9 +322,10 @@ def _backward(
             raise ValueError(f"a TmaBackwardConfig needs rows TMA can take and tiles dividing T={T}; got {config}")
     elif isinstance(config, TmaBackwardConfig):
         raise ValueError("gated_residual_ln_modulate has no TMA backward; pass a LaunchConfig")
-    rows, num_warps, rows_per_chunk = (
-        (0, 0, tma_config.rows_per_chunk) if tma_config else config or backward_config(M, D, has_residual)
-    )
+    if tma_config:
+        rows_per_chunk = tma_config.rows_per_chunk
+    else:
+        rows, num_warps, rows_per_chunk = config or backward_config(M, D, has_residual)
     n_chunks = triton.cdiv(T, rows_per_chunk)
     part_dtype = mean.dtype  # fp32 partial sums (fp64 for fp64 inputs)
     dshift_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device)  # (B, n_chunks, D)

@@ -189,8 +189,10 @@ def test_targets_show_misses_and_what_was_not_measured():
     assert found["DiT-XL/2 sampling >= 3.5x the fp32 recipe"]["measured"][0] == pytest.approx(192.0 / 59.6)
     assert found["DiT-XL/2 training step >= 720 img/s at batch 256"]["met"] is False
     assert found["DiT-XL/2 training step >= 1.25x the original recipe"]["measured"][0] == pytest.approx(670.9 / 576)
-    bandwidth = found["ln_modulate fwd >= 85% of copy bandwidth"]  # the committed H200 run: 22-44% over its shapes
-    assert bandwidth["met"] is False and bandwidth["measured"][0] < bandwidth["measured"][1] < 85
+    bandwidth = found["ln_modulate fwd >= 85% of copy bandwidth"]  # the committed H200 run: 91-97% over its shapes
+    assert bandwidth["met"] is True and 85 <= bandwidth["measured"][0] < bandwidth["measured"][1]
+    gated = found["gated_residual fwd+bwd >= 1.2x compiled (Inductor)"]  # committed: 1.00-1.04x
+    assert gated["met"] is False and gated["measured"][0] < gated["measured"][1] < 1.2
     committed = report["parts"]["model"]["speedups"]["fwd+bwd@256"]["vs_compiled"]  # the committed H200 run
     assert found["DiT-XL/2 fwd+bwd >= 1.25x compiled reference at batch 256"]["measured"] == [committed, committed]
     del report["parts"]["model"]
