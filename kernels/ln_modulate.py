@@ -279,8 +279,9 @@ def _forward(x, y, gate, shift, scale, eps, config: LaunchConfig | TmaConfig | N
     mean = torch.empty((M,), dtype=stats_dtype, device=x.device)  # (M,)
     rstd = torch.empty((M,), dtype=stats_dtype, device=x.device)  # (M,)
     if not has_residual and (config is None or isinstance(config, TmaConfig)):
-        if can_use_tma([x2, h.view(M, D)], D):
-            forward_tma(x2, shift, scale, h.view(M, D), mean, rstd, T, eps, config)
+        h2 = h.view(M, D)
+        if can_use_tma([x2, h2], D):
+            forward_tma(x2, shift, scale, h2, mean, rstd, T, eps, config)
             return x_new, h, mean, rstd
         if config is not None:
             raise ValueError(f"a TmaConfig needs rows TMA can take; D={D} ({x.dtype}) or an alignment does not fit")
@@ -314,7 +315,7 @@ def _backward(
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)  # (B, T, D)
     tma_config = None
     if not has_residual and (config is None or isinstance(config, TmaBackwardConfig)):
-        candidate = config or tma_backward_config(M, D, T)
+        candidate = config or tma_backward_config(M, D)
         tiles_fit = T % candidate.rows == 0 and candidate.rows_per_chunk % candidate.rows == 0
         if tiles_fit and can_use_tma([grad_h2, x2, dx.view(M, D)], D):
             tma_config = candidate

@@ -18,6 +18,7 @@ Same contract as the register-tile forward: math in fp32 (fp64 for fp64 inputs),
 already at 89-91% of copy bandwidth: this design measured 0.098 ms against its 0.080 at B*T = 32768 on an
 H200 (session 7, the residual's y load and x_new store through descriptors too).
 """
+from functools import cache
 from typing import NamedTuple
 
 import torch
@@ -63,6 +64,7 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+@cache  # a few (D, element size) pairs per process; called on every launch
 def tma_layout(D: int, element_size: int) -> TmaLayout | None:
     """The widest segments (at most 128 bytes) that split D into at most two power-of-two parts, or None."""
     seg = SEGMENT_BYTES // element_size
@@ -83,7 +85,7 @@ def tma_config(D: int) -> TmaConfig:
     return TmaConfig(rows, max(1, min(8, rows * D // 2304)), 3, 4)
 
 
-def tma_backward_config(M: int, D: int, T: int) -> TmaBackwardConfig:
+def tma_backward_config(M: int, D: int) -> TmaBackwardConfig:
     """The backward's launch rule (swept on an H200 at D = 1152, bench/results/sweeps): a row per warp, tiles
     of about 1152 elements (1 row x 1 warp at D = 1152: 0.075 ms at B*T = 32768, 2 x 2 0.082, and 4 x 2
     spills, 0.26), 3 stages, and chunks of about M / 512 rows of one sample (a power of two, 16 to 256)."""
@@ -258,10 +260,15 @@ def _descriptors(t: torch.Tensor, layout: TmaLayout, rows: int) -> tuple[TensorD
     return part_a, part_b
 
 
+@cache
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 under the CPU interpreter (a few persistent programs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _program_count(n_tiles: int, device: torch.device, programs_per_sm: int) -> int:
-    """Persistent programs: programs_per_sm per SM on CUDA (a few under the CPU interpreter), at most one per tile."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(n_tiles, programs_per_sm * sms))
+    """Persistent programs: programs_per_sm per SM, at most one per tile."""
+    return max(1, min(n_tiles, programs_per_sm * _sm_count(device)))
 
 
 def forward_tma(x2, shift, scale, h2, mean, rstd, T: int, eps: float, config: TmaConfig | None = None) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dit_fast.kernels import ln_modulate, ln_modulate_ref
+from tests.test_ln_modulate import make_inputs
 
 ln = importlib.import_module("dit_fast.kernels.ln_modulate")
 tma = importlib.import_module("dit_fast.kernels.ln_modulate_tma")
@@ -36,9 +37,9 @@ def test_tma_layout(D, element_size, expected):
 
 
 def _inputs(B, T, D, dtype, device):
-    x = torch.randn(B, T, D, dtype=dtype, device=device)
-    shift, scale, *_ = torch.randn(B, 6 * D, dtype=dtype, device=device).chunk(6, dim=1)  # strided (B, D) views
-    return x, shift, scale
+    """x and the strided (B, D) shift/scale views of tests/test_ln_modulate.py's inputs."""
+    inputs = make_inputs(B, T, D, dtype, device, residual=False)
+    return inputs["x"], inputs["shift"], inputs["scale"]
 
 
 @pytest.mark.parametrize("D", [48, 64], ids=["two-parts", "one-part"])
