@@ -37,7 +37,7 @@ from dit_fast.diffusion import create_diffusion
 from dit_fast.ema import DEFAULT_DECAY, ShardedEMA
 from dit_fast.flops import train_flops_per_image
 from dit_fast.model import create_model
-from dit_fast.parallel import DistEnv, build_fsdp_model, distributed
+from dit_fast.parallel import FSDP_UNITS, DistEnv, build_fsdp_model, distributed, fsdp_units
 from dit_fast.train_data import draw_step_randomness
 from dit_fast.train_step import TrainStep, make_optimizer
 
@@ -113,11 +113,22 @@ def dit_fast_step(trainer: TrainStep, env: DistEnv, batch: int, read_every_step:
 
 
 def bench_dit_fast(
-    env: DistEnv, batches: list[int], peak: float, flops: int, steps: int, warmup: int, profile_first: bool = False
+    env: DistEnv,
+    batches: list[int],
+    peak: float,
+    flops: int,
+    steps: int,
+    warmup: int,
+    profile_first: bool = False,
+    units: str = "auto",
 ) -> list[dict]:
-    """Every batch as train.py runs it; the first batch also with a host read every step. With
-    profile_first, the first row also gets bench.model's GPU-time split and costliest kernels of one step."""
-    model = build_fsdp_model(MODEL, env, seed=0, image_size=IMAGE_SIZE, attn="auto", fused=True, compile_blocks=True)
+    """Every batch as train.py runs it (FSDP `units`, dit_fast.parallel); the first batch also with a host read
+    every step. With profile_first, the first row also gets bench.model's GPU-time split and costliest kernels
+    of one step."""
+    model = build_fsdp_model(
+        MODEL, env, seed=0, image_size=IMAGE_SIZE, attn="auto", fused=True, compile_blocks=True, units=units
+    )
+    resolved_units = fsdp_units(units, env.world_size, grad_ckpt=False)
     optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], LR)
     trainer = TrainStep(model, create_diffusion(""), optimizer, ShardedEMA(model, DEFAULT_DECAY))
     results = []
@@ -127,7 +138,8 @@ def bench_dit_fast(
             torch.cuda.reset_peak_memory_stats(env.device)
             step = dit_fast_step(trainer, env, batch, read_every_step=check == "host")
             first_s, step_ms = time_steps(step, steps, warmup)
-            results.append(row("dit_fast", batch, env, first_s, step_ms, peak, flops, finite_check=check))
+            extra = {"finite_check": check, "fsdp_units": resolved_units}
+            results.append(row("dit_fast", batch, env, first_s, step_ms, peak, flops, **extra))
             if profile_first and len(results) == 1:
                 results[0].update(kernel_profile(step, iters=2, top=40))
     if env.world_size == 1:
@@ -216,15 +228,20 @@ def summary(results: list[dict], world_size: int) -> dict:
 
 
 def run(quick: bool = False, per_gpu_batches: list[int] | None = None, only_dit_fast: bool = False,
-        steps: int = STEPS, warmup: int = WARMUP, profile: bool = False) -> dict:  # fmt: skip
-    """Benchmark on this process's GPU (all ranks under torchrun); returns the JSON-ready report."""
+        steps: int = STEPS, warmup: int = WARMUP, profile: bool = False,
+        units: tuple[str, ...] = ("auto",)) -> dict:  # fmt: skip
+    """Benchmark on this process's GPU (all ranks under torchrun); returns the JSON-ready report. dit_fast runs
+    once per FSDP `units` choice, in order; the summary compares the first with the original recipe."""
     require_cuda("bench/train_step.py")
     with distributed() as env:
         batches = per_gpu_batches or ([256] if quick else [256, 128])
         peak = matmul_peak_tflops()
         flops = train_flops_per_image(get_config(MODEL, image_size=IMAGE_SIZE))
-        results = bench_dit_fast(env, batches, peak, flops, steps, warmup, profile_first=profile)
-        release_memory()
+        results = []
+        for choice in units:
+            results += bench_dit_fast(env, batches, peak, flops, steps, warmup, profile_first=profile, units=choice)
+            release_memory()
+        first_units = results[0]["fsdp_units"]
         if env.world_size == 1 and not only_dit_fast:
             results += bench_original(env, batches, peak, flops, steps, warmup)
             release_memory()
@@ -235,7 +252,8 @@ def run(quick: bool = False, per_gpu_batches: list[int] | None = None, only_dit_
             "bf16_matmul_peak_tflops": round(peak, 1), "timing": f"median of {steps} steps (CUDA events) after "
             f"{1 + warmup} warm-up steps; compile_s is the first step's wall time",
             "original_recipe_reference_img_per_s": ORIGINAL_RECIPE_IMG_PER_S, "results": results,
-            "summary": summary(results, env.world_size),
+            "summary": summary([r for r in results if r.get("fsdp_units", first_units) == first_units],
+                               env.world_size),
         }  # fmt: skip
 
 
@@ -251,12 +269,14 @@ def markdown(report: dict) -> str:
             f"{report['world_size']}, bf16 matmul peak {report['bf16_matmul_peak_tflops']} TFLOP/s (same run)"
         ),
         "",
-        "| impl | GPUs | batch/GPU | finite check | median ms | img/s | TFLOP/s/GPU | MFU | peak GiB | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| impl | FSDP units | GPUs | batch/GPU | finite check | median ms | img/s | TFLOP/s/GPU | MFU | peak GiB "
+        "| compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in report["results"]:
         lines.append(
-            f"| {r['impl']} | {r['world_size']} | {r['per_gpu_batch']} | {check_label(r['finite_check'])} | "
+            f"| {r['impl']} | {r.get('fsdp_units', '-')} | {r['world_size']} | {r['per_gpu_batch']} | "
+            f"{check_label(r['finite_check'])} | "
             f"{r['median_ms']} | {r['img_per_s']} | {r['tflops_per_gpu']} | {r['mfu']:.1%} | {r['peak_mem_gib']} | "
             f"{r['compile_s']} |"
         )
@@ -273,10 +293,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-dit-fast", action="store_true", help="skip the original recipe")
     parser.add_argument("--steps", type=int, default=STEPS, help="timed steps per configuration")
     parser.add_argument("--profile", action="store_true", help="GPU-time split and top kernels of dit_fast's first row")
+    parser.add_argument(
+        "--fsdp-units", choices=FSDP_UNITS, nargs="+", default=["auto"],
+        help="dit_fast's FSDP units, one run each in this order (default: auto, what train.py does)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step-<gpu>.json)")
     args = parser.parse_args(argv)
     require_cuda("bench/train_step.py")
-    report = run(args.quick, args.per_gpu_batch, args.only_dit_fast, args.steps, profile=args.profile)
+    report = run(args.quick, args.per_gpu_batch, args.only_dit_fast, args.steps, profile=args.profile,
+                 units=tuple(args.fsdp_units))
     if int(os.environ.get("RANK", "0")) == 0:
         name = "train_step" if report["world_size"] == 1 else f"train_step-x{report['world_size']}"
         print(markdown(report))

@@ -7,6 +7,14 @@ weights. The initial weights are the paper's init computed by the plain model on
 global seed and loaded shard by shard (xavier init cannot run on DTensors), so every world size
 starts from the same weights.
 
+FSDP units (`units`): "block" is one unit per block plus the root, what several ranks need. With one rank
+a block's "shard" is the whole block, so per-block units only add hooks and copies, and they keep the
+fast path from hoisting the adaLN projections (that product reads every block's weights before any block
+runs). "root" makes the whole model one unit, gathered (cast to bf16) once per step, so the fast adaLN-Zero
+model runs its hoisted, norm-chained body as it does outside FSDP. "auto" (the default) picks "root" for
+one rank without activation checkpointing, "block" otherwise. Parameter names, the checkpoint format and
+the numbers are the same either way: a checkpoint written under one resumes under the other.
+
 One process without torchrun gets a process group of size 1 (an in-process store), so the same
 FSDP2 code path runs for 1 and N ranks; NCCL on CUDA, gloo on the CPU.
 """
@@ -27,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from dit_fast.model import DiT, create_model
 
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # added to parameter names by AC / compile
+FSDP_UNITS = ("auto", "block", "root")
 BLOCK_PRECISION = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 ROOT_PRECISION = MixedPrecisionPolicy(  # the model's output in fp32, so the loss is computed in fp32
     param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
@@ -109,29 +118,43 @@ def build_fsdp_model(
     fused: bool = False,
     grad_ckpt: bool = False,
     compile_blocks: bool = False,
+    units: str = "auto",
 ) -> DiT:
     """A DiT sharded over all ranks with FSDP2, initialised from `seed` identically for every world size.
 
-    image_size and num_classes None keep the config's.
+    image_size and num_classes None keep the config's; `units` is one of FSDP_UNITS (module docstring).
     """
+    per_block = fsdp_units(units, env.world_size, grad_ckpt) == "block"
     kwargs = {"image_size": image_size, "block": block, "fused": fused, "attn": attn}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     with torch.device("meta"):
         model = create_model(name, **kwargs)
-    model.hoist_modulation = False  # the hoisted adaLN product reads every block's weights outside its FSDP unit
-    sharded = env.world_size > 1  # with one rank, resharding after forward would only re-copy the weights
-    for index, layer in enumerate(model.blocks):
-        if grad_ckpt:
-            layer = checkpoint_wrapper(layer, preserve_rng_state=False)  # the blocks draw no random numbers
-            model.blocks[index] = layer
-        if compile_blocks:
-            layer.compile(fullgraph=True, dynamic=False)  # one batch size per run: static shapes
-        fully_shard(layer, mp_policy=BLOCK_PRECISION, reshard_after_forward=sharded)
+    # the hoisted adaLN product reads every block's weights: only possible when no block is a unit of its own
+    model.hoist_modulation = model.hoist_modulation and not (per_block or grad_ckpt)
+    if grad_ckpt:
+        for index, layer in enumerate(model.blocks):
+            # the blocks draw no random numbers
+            model.blocks[index] = checkpoint_wrapper(layer, preserve_rng_state=False)
+    if compile_blocks:
+        model.compile_blocks(dynamic=False)  # one batch size per run: static shapes
+    if per_block:
+        sharded = env.world_size > 1  # with one rank, resharding after forward would only re-copy the weights
+        for layer in model.blocks:
+            fully_shard(layer, mp_policy=BLOCK_PRECISION, reshard_after_forward=sharded)
     fully_shard(model, mp_policy=ROOT_PRECISION, reshard_after_forward=False)  # backward needs the root at once
     model.to_empty(device=env.device)
     load_full_weights(model, reference_weights(name, kwargs, seed))
     return model
+
+
+def fsdp_units(units: str, world_size: int, grad_ckpt: bool) -> str:
+    """"block" or "root": what `units` (one of FSDP_UNITS) means for this world size."""
+    if units not in FSDP_UNITS:
+        raise ValueError(f"unknown FSDP units {units!r}; choose one of {', '.join(FSDP_UNITS)}")
+    if units == "auto":
+        return "root" if world_size == 1 and not grad_ckpt else "block"
+    return units
 
 
 def load_full_weights(model: nn.Module, reference: nn.Module) -> None:

@@ -43,7 +43,7 @@ from dit_fast.ema import DEFAULT_DECAY, ShardedEMA
 from dit_fast.flops import train_flops_per_image
 from dit_fast.images import make_grid
 from dit_fast.latent_data import read_meta
-from dit_fast.parallel import DistEnv, build_fsdp_model, distributed
+from dit_fast.parallel import FSDP_UNITS, DistEnv, build_fsdp_model, distributed, fsdp_units
 from dit_fast.train_data import (
     DataPosition,
     GlobalBatchSampler,
@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--grad-ckpt", action="store_true", help="activation checkpointing of every block (saves memory)"
     )
+    model.add_argument(
+        "--fsdp-units", choices=FSDP_UNITS, default="auto",
+        help="FSDP2 units: one per block, or the whole model as one (auto: the whole model on one GPU without "
+        "--grad-ckpt, which lets the fast path hoist the adaLN projections; per block otherwise)",
+    )  # fmt: skip
 
     data = parser.add_argument_group("data (default: the embedded synthetic dataset)")
     data.add_argument(
@@ -404,6 +409,7 @@ def run_training(
     model = build_fsdp_model(
         args.model, env, args.global_seed, image_size=args.image_size, block=args.block, num_classes=args.num_classes,
         attn=args.attn, fused=fused, grad_ckpt=args.grad_ckpt, compile_blocks=compile_blocks,
+        units=args.fsdp_units,
     )  # fmt: skip
     optimizer = make_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad], args.lr)
     ema = ShardedEMA(model, args.ema_decay)
@@ -427,10 +433,11 @@ def run_training(
     logger.info("arguments: %s", json.dumps(vars(args)))
     logger.info(
         "%s at %dpx (%s, %d classes, %.1fM parameters, %.1f GFLOP per training image) on %d x %s; fused %s, "
-        "compile %s, grad-ckpt %s; data: %s (%d items, %d steps per epoch); global batch %d; %s",
+        "compile %s, grad-ckpt %s, FSDP units %s; data: %s (%d items, %d steps per epoch); global batch %d; %s",
         args.model, args.image_size, args.block, args.num_classes, sum(p.numel() for p in model.parameters()) / 1e6,
         flops_per_image / 1e9, env.world_size, torch.cuda.get_device_name(env.device) if on_cuda else "CPU", fused,
-        compile_blocks, args.grad_ckpt, source.kind, len(source.dataset), sampler.batches_per_epoch,
+        compile_blocks, args.grad_ckpt, fsdp_units(args.fsdp_units, env.world_size, args.grad_ckpt), source.kind,
+        len(source.dataset), sampler.batches_per_epoch,
         args.global_batch_size, f"resumed from {resume_from} at step {step}" if resume_from else "from scratch",
     )  # fmt: skip
     writer = None

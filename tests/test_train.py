@@ -14,7 +14,7 @@ from dit_fast.diffusion import create_diffusion
 from dit_fast.ema import ShardedEMA
 from dit_fast.export import read_ema_state
 from dit_fast.model import create_model
-from dit_fast.parallel import DistEnv, build_fsdp_model, distributed
+from dit_fast.parallel import DistEnv, build_fsdp_model, distributed, local_tensor
 from dit_fast.pipeline import Pipeline
 from dit_fast.train import build_parser, check_args, fill_model_defaults, main
 from dit_fast.train_data import DataPosition, GlobalBatchSampler, draw_step_randomness, next_position
@@ -144,6 +144,38 @@ def test_sharded_ema_follows_the_optimizers_in_place_updates():
     assert not torch.equal(full["final_layer.linear.weight"], torch.zeros_like(full["final_layer.linear.weight"]))
     for name in full:
         assert torch.equal(ema_full[name], full[name]), name
+
+
+def test_one_fsdp_unit_keeps_the_hoisted_fast_path_and_computes_what_block_units_do():
+    """With one rank the default unit is the whole model, so the fused adaLN-Zero model keeps its hoisted adaLN
+    product and norms chained across blocks; per-block units cannot. Same weights (perturbed away from the
+    zero init, so every block gets gradients): same loss and gradients, to bf16 rounding."""
+    generator = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([3, 500]), torch.tensor([1, 2])
+    outcomes = {}
+    with distributed() as env:
+        for units in ("auto", "block"):
+            model = build_fsdp_model("DiT-debug", env, seed=0, attn="sdpa", fused=True, units=units)
+            perturb = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for param in model.parameters():
+                    shard = local_tensor(param)
+                    shard.add_(0.05 * torch.randn(shard.shape, generator=perturb))
+            loss = (model(x, t, y) - 1).square().mean()
+            loss.backward()
+            grads = [local_tensor(p.grad).clone() for p in model.parameters() if p.requires_grad]
+            outcomes[units] = (model.hoist_modulation, loss.item(), grads)
+    (hoisted, loss, grads), (block_hoisted, block_loss, block_grads) = outcomes["auto"], outcomes["block"]
+    assert hoisted and not block_hoisted
+    assert loss == pytest.approx(block_loss, rel=1e-2)
+    assert all(g.norm() > 0 for g in block_grads)
+    for mine, theirs in zip(grads, block_grads):
+        assert ((mine - theirs).norm() / theirs.norm()).item() < 3e-2
+
+
+def test_unknown_fsdp_units_are_named():
+    with distributed() as env, pytest.raises(ValueError, match="unknown FSDP units 'layer'; choose one of auto, block"):
+        build_fsdp_model("DiT-debug", env, seed=0, attn="sdpa", units="layer")
 
 
 # ---- activation checkpointing and compile -------------------------------------------------------------

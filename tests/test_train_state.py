@@ -97,6 +97,23 @@ def test_resume_after_kill_is_bitwise_identical(straight_run, tmp_path):
     )
 
 
+def test_a_checkpoint_resumes_under_the_other_fsdp_units(straight_run, tmp_path):
+    """The straight run (one rank: the whole model is one FSDP unit) resumed from step 4 with a unit per block,
+    what several ranks use: the same names and shards, so the same losses and final state, bitwise."""
+    argv = BASE_ARGS + ["--max-steps", str(STEPS), "--ckpt-every", "4", "--results-dir", str(tmp_path),
+                        "--fsdp-units", "block", "--resume", str(straight_run / RUN / f"checkpoints/{STEPS // 2:07d}")]  # fmt: skip
+    resumed = run_training(argv)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "FSDP units root" in (straight_run / RUN / "log.txt").read_text()
+    log = (tmp_path / RUN / "log.txt").read_text()
+    assert "FSDP units block" in log and "resumed from" in log
+    assert metrics(tmp_path) == metrics(straight_run)[STEPS // 2 :]
+    final = f"checkpoints/{STEPS:07d}"
+    assert_same_state(
+        checkpoint_tensors(straight_run / RUN / final, tmp_path), checkpoint_tensors(tmp_path / RUN / final, tmp_path)
+    )
+
+
 def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(straight_run, tmp_path):
     argv = BASE_ARGS + ["--max-steps", str(STEPS), "--ckpt-every", "2", "--results-dir", str(tmp_path)]
     killed = run_training(argv, hooks="TrainHooks(exit_during_checkpoint_at_step=4)")
