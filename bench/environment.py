@@ -71,6 +71,21 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float
     return sorted(times)[len(times) // 2]
 
 
+def back_to_back_ms(fn: Callable[[], object], iters: int, warmup: int = 0) -> list[float]:
+    """Per-call ms of `iters` calls of fn launched back to back, as a training or sampling loop runs them: CUDA
+    events around each call, no host sync between calls (so the host's launch latency hides behind the GPU's
+    work, where `time_ms` pays it once per call), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
 def kernel_time_ms(fn: Callable[[], object], calls: int = 10) -> float:
     """GPU ms per call of fn: the summed device time of every kernel, copy and memset that `calls` calls
     launch, under torch.profiler, after warm-up calls. Host overhead (Python, autograd, op dispatch) and the

@@ -2,20 +2,25 @@
 
 Variants: the reference eager under bf16 autocast (fp32 weights, PyTorch's SDPA as the original code
 used through timm), the same under torch.compile (the whole model, static shapes), and the fast model
-(bf16 weights, Triton ops, auto attention, blocks compiled one at a time). Reports ms, img/s, achieved
-TFLOP/s (analytic model FLOPs: forward 2*MACs, forward+backward 3x that), MFU against a bf16 matmul peak
-measured in the same run, peak memory, and a GPU-time profile split by GEMM / attention /
-elementwise+norm / other.
+(bf16 weights, Triton ops, auto attention, blocks compiled one at a time; for the forward also without
+compiling, as sample.py runs it). Reports ms, img/s, achieved TFLOP/s (analytic model FLOPs: forward
+2*MACs, forward+backward 3x that), MFU against a bf16 matmul peak measured in the same run, peak memory,
+and a GPU-time profile split by GEMM / attention / elementwise+norm / other.
+
+ms is the median of calls launched back to back (a training or sampling loop's rate); ms_synced, the
+median of calls each followed by a host sync, adds the host's launch latency once per call (the figure
+this script reported before session 8).
 
     python -m bench.model [--quick] [--out PATH]
 """
+import statistics
 import time
 from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.environment import benchmark_main, environment, matmul_peak_tflops, require_cuda, time_ms
+from bench.environment import back_to_back_ms, benchmark_main, environment, matmul_peak_tflops, require_cuda, time_ms
 from dit_fast.flops import model_flops
 from dit_fast.fused_blocks import FusedMlp
 from dit_fast.model import DiT, create_model
@@ -36,7 +41,8 @@ def build(variant: str) -> tuple[DiT, Callable, torch.dtype | None]:
         run = torch.compile(model, dynamic=False) if variant == "reference-compiled" else model
         return model, run, torch.bfloat16
     model = create_model(MODEL, fused=True, attn="auto").cuda().to(torch.bfloat16)
-    model.compile_blocks(dynamic=False)
+    if variant == "fast":
+        model.compile_blocks(dynamic=False)
     return model, model, None
 
 
@@ -90,10 +96,11 @@ def measure(variant: str, model, run, autocast, batch: int, backward: bool, peak
     torch.cuda.synchronize()
     first_call_s = time.time() - start  # includes compilation for compiled variants
     torch.cuda.reset_peak_memory_stats()
-    ms = time_ms(step, warmup=2, iters=8)
+    ms = statistics.median(back_to_back_ms(step, iters=8, warmup=2))
     flops = model_flops(model.cfg, batch_size=batch, train=backward)
     row = {
         "variant": variant, "batch": batch, "pass": "fwd+bwd" if backward else "fwd", "ms": round(ms, 2),
+        "ms_synced": round(time_ms(step, warmup=0, iters=8), 2),
         "img_per_s": round(batch / ms * 1000, 1), "tflops": round(flops / ms / 1e9, 1),
         "mfu": round(flops / ms / 1e9 / peak, 4), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "first_call_s": round(first_call_s, 1),
@@ -123,6 +130,10 @@ def run(quick: bool = False) -> dict:
             rows.append(measure("fast-bias-gelu-kernel", model, fn, autocast, 128, False, peak, profile_it=False))
         del model, fn
         torch.cuda.empty_cache()
+    model, fn, autocast = build("fast-uncompiled")
+    rows.append(measure("fast-uncompiled", model, fn, autocast, 128, False, peak, profile_it=False))
+    del model, fn
+    torch.cuda.empty_cache()
     return {"benchmark": "model", "model": MODEL, "image_size": 256, "env": environment(),
             "bf16_matmul_peak_tflops": round(peak, 1), "rows": rows, "speedups": speedups(rows)}
 
@@ -132,8 +143,8 @@ def speedups(rows: list[dict]) -> dict:
     by_key = {(r["variant"], r["pass"], r["batch"]): r["ms"] for r in rows}
     out = {}
     for (variant, pas, batch), ms in by_key.items():
-        if variant == "fast":
-            out[f"{pas}@{batch}"] = {
+        if variant in ("fast", "fast-uncompiled"):
+            out[f"{pas}@{batch}" + (" uncompiled" if variant == "fast-uncompiled" else "")] = {
                 "vs_compiled": round(by_key[("reference-compiled", pas, batch)] / ms, 3),
                 "vs_eager": round(by_key[("reference-eager", pas, batch)] / ms, 3),
             }
@@ -142,13 +153,14 @@ def speedups(rows: list[dict]) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"bf16 matmul peak (8192^3, same run): {report['bf16_matmul_peak_tflops']} TFLOP/s", "",
-             "| variant | pass | batch | ms | img/s | TFLOP/s | MFU | peak GiB | GEMM | attn | elem+norm | other |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | pass | batch | ms | ms, host sync per call | img/s | TFLOP/s | MFU | peak GiB | GEMM | attn "
+             "| elem+norm | other |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         s = r.get("split_ms", {})
         lines.append(
-            f"| {r['variant']} | {r['pass']} | {r['batch']} | {r['ms']} | {r['img_per_s']} | {r['tflops']} | "
-            f"{r['mfu']:.1%} | {r['peak_mem_gib']} | {s.get('gemm', '')} | {s.get('attention', '')} | "
+            f"| {r['variant']} | {r['pass']} | {r['batch']} | {r['ms']} | {r.get('ms_synced', '')} | "
+            f"{r['img_per_s']} | {r['tflops']} | {r['mfu']:.1%} | {r['peak_mem_gib']} | {s.get('gemm', '')} | {s.get('attention', '')} | "
             f"{s.get('elementwise+norm', '')} | {s.get('other', '')} |"
         )
     lines += ["", "| pass@batch | fast vs compiled reference | fast vs eager reference |", "|---|---|---|"]

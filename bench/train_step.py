@@ -30,7 +30,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from bench.environment import environment, kernel_time_ms, matmul_peak_tflops, require_cuda, save_report
+from bench.environment import (
+    back_to_back_ms, environment, kernel_time_ms, matmul_peak_tflops, require_cuda, save_report,
+)
 from bench.model import kernel_profile
 from dit_fast.config import get_config
 from dit_fast.diffusion import create_diffusion
@@ -58,16 +60,7 @@ def time_steps(step: Callable[[], None], steps: int, warmup: int) -> tuple[float
     began = time.perf_counter()
     step()
     torch.cuda.synchronize()
-    first_s = time.perf_counter() - began
-    for _ in range(warmup):
-        step()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    for start, end in events:
-        start.record()
-        step()
-        end.record()
-    torch.cuda.synchronize()
-    return first_s, [start.elapsed_time(end) for start, end in events]
+    return time.perf_counter() - began, back_to_back_ms(step, steps, warmup)
 
 
 def row(
