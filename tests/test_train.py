@@ -151,16 +151,17 @@ def test_one_fsdp_unit_keeps_the_hoisted_fast_path_and_computes_what_block_units
     product and norms chained across blocks; per-block units cannot. Same weights (perturbed away from the
     zero init, so every block gets gradients): same loss and gradients, to bf16 rounding."""
     generator = torch.Generator().manual_seed(0)
-    x, t, y = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([3, 500]), torch.tensor([1, 2])
+    inputs = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([3, 500]), torch.tensor([1, 2])
     outcomes = {}
     with distributed() as env:
+        x, t, y = (tensor.to(env.device) for tensor in inputs)
         for units in ("auto", "block"):
             model = build_fsdp_model("DiT-debug", env, seed=0, attn="sdpa", fused=True, units=units)
             perturb = torch.Generator().manual_seed(1)
             with torch.no_grad():
                 for param in model.parameters():
                     shard = local_tensor(param)
-                    shard.add_(0.05 * torch.randn(shard.shape, generator=perturb))
+                    shard.add_(0.05 * torch.randn(shard.shape, generator=perturb).to(shard.device))
             loss = (model(x, t, y) - 1).square().mean()
             loss.backward()
             grads = [local_tensor(p.grad).clone() for p in model.parameters() if p.requires_grad]
