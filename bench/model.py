@@ -160,8 +160,8 @@ def markdown(report: dict) -> str:
         s = r.get("split_ms", {})
         lines.append(
             f"| {r['variant']} | {r['pass']} | {r['batch']} | {r['ms']} | {r.get('ms_synced', '')} | "
-            f"{r['img_per_s']} | {r['tflops']} | {r['mfu']:.1%} | {r['peak_mem_gib']} | {s.get('gemm', '')} | {s.get('attention', '')} | "
-            f"{s.get('elementwise+norm', '')} | {s.get('other', '')} |"
+            f"{r['img_per_s']} | {r['tflops']} | {r['mfu']:.1%} | {r['peak_mem_gib']} | {s.get('gemm', '')} | "
+            f"{s.get('attention', '')} | {s.get('elementwise+norm', '')} | {s.get('other', '')} |"
         )
     lines += ["", "| pass@batch | fast vs compiled reference | fast vs eager reference |", "|---|---|---|"]
     lines += [f"| {k} | {v['vs_compiled']}x | {v['vs_eager']}x |" for k, v in report["speedups"].items()]

@@ -167,7 +167,7 @@ class DiT(nn.Module):
         return out.to(in_dtype) if self.fused else out
 
     def compile_blocks(self, **compile_kwargs) -> None:
-        """torch.compile(fullgraph=True) each block on its own (the unit FSDP shards).
+        """torch.compile(fullgraph=True) each block on its own (FSDP's unit when it shards per block).
 
         The blocks share one code object, and each (batch size, grad mode, last block or not) is its own
         compiled entry, so the recompile limit is raised past Dynamo's default of 8.

@@ -149,7 +149,7 @@ def build_fsdp_model(
 
 
 def fsdp_units(units: str, world_size: int, grad_ckpt: bool) -> str:
-    """"block" or "root": what `units` (one of FSDP_UNITS) means for this world size."""
+    """What `units` (one of FSDP_UNITS) means for this world size: "block" or "root"."""
     if units not in FSDP_UNITS:
         raise ValueError(f"unknown FSDP units {units!r}; choose one of {', '.join(FSDP_UNITS)}")
     if units == "auto":

@@ -100,8 +100,9 @@ def test_resume_after_kill_is_bitwise_identical(straight_run, tmp_path):
 def test_a_checkpoint_resumes_under_the_other_fsdp_units(straight_run, tmp_path):
     """The straight run (one rank: the whole model is one FSDP unit) resumed from step 4 with a unit per block,
     what several ranks use: the same names and shards, so the same losses and final state, bitwise."""
+    middle = straight_run / RUN / f"checkpoints/{STEPS // 2:07d}"
     argv = BASE_ARGS + ["--max-steps", str(STEPS), "--ckpt-every", "4", "--results-dir", str(tmp_path),
-                        "--fsdp-units", "block", "--resume", str(straight_run / RUN / f"checkpoints/{STEPS // 2:07d}")]  # fmt: skip
+                        "--fsdp-units", "block", "--resume", str(middle)]  # fmt: skip
     resumed = run_training(argv)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "FSDP units root" in (straight_run / RUN / "log.txt").read_text()
