@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench.environment import benchmark_main, environment, matmul_peak_tflops, require_cuda
+from bench.environment import back_to_back_ms, benchmark_main, environment, matmul_peak_tflops, require_cuda
 from bench.gpu_monitor import GpuMonitor
 from dit_fast.diffusion.fast_sampling import SamplerLoop
 from dit_fast.flops import model_flops
@@ -92,14 +92,8 @@ def measure_steps(name: str, model: DiT, inputs: tuple, timed_steps: int, peak_t
     torch.cuda.synchronize()
     setup_s = time.perf_counter() - began
     loop.prepare(*inputs)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(timed_steps)]
     with GpuMonitor() as monitor:
-        for start, end in events:
-            start.record()
-            loop.step()
-            end.record()
-        torch.cuda.synchronize()
-    ms = statistics.median(start.elapsed_time(end) for start, end in events)
+        ms = statistics.median(back_to_back_ms(loop.step, timed_steps))
     flops = model_flops(model.cfg, batch_size=2 * BATCH)
     row = {
         "config": name,

@@ -323,7 +323,7 @@ def _backward(
             raise ValueError(f"a TmaBackwardConfig needs rows TMA can take and tiles dividing T={T}; got {config}")
     elif isinstance(config, TmaBackwardConfig):
         raise ValueError("gated_residual_ln_modulate has no TMA backward; pass a LaunchConfig")
-    if tma_config:
+    if tma_config is not None:
         rows_per_chunk = tma_config.rows_per_chunk
     else:
         rows, num_warps, rows_per_chunk = config or backward_config(M, D, has_residual)
@@ -332,7 +332,7 @@ def _backward(
     dshift_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device)  # (B, n_chunks, D)
     dscale_part = torch.empty((B, n_chunks, D), dtype=part_dtype, device=x.device)  # (B, n_chunks, D)
     scale = _per_sample(scale)  # (B, D)
-    if tma_config:
+    if tma_config is not None:
         backward_tma(grad_h2, x2, scale, mean, rstd, dx.view(M, D), dshift_part, dscale_part, T, tma_config)
         dshift, dscale = sum_chunks([dshift_part, dscale_part], x.dtype)  # (B, D) each
         return dx, None, None, dshift, dscale
